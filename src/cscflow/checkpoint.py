@@ -1,0 +1,58 @@
+"""Stage checkpoints: a finished stage is never computed twice in one run.
+
+The loop tags every stage job with ``metadata["cscflow_key"] = "<run_id>/<iteration>/<stage>"``.
+A stage function wrapped in :func:`resumable` looks that key up in the JobStore it runs
+against; when an earlier attempt of the same run already finished the stage (the run was
+interrupted later, or a FireWorks node died after the job finished), the stored output is
+returned instead of recomputing. Jobs without a key (used outside the loop) always run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+__all__ = ["resumable", "stage_key", "find_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+KEY = "cscflow_key"
+
+
+def stage_key(run_id: str, iteration: int, stage: str) -> str:
+    return f"{run_id}/{iteration}/{stage}"
+
+
+def find_checkpoint(store, key: str):
+    """The decoded output of a finished job tagged `key`, or None."""
+    from monty.json import MontyDecoder
+
+    doc = store.query_one(
+        {f"metadata.{KEY}": key, "output": {"$ne": None}},
+        properties=["output", "uuid", "index"],
+        sort={"completed_at": -1},
+        load=True,
+    )
+    if doc is None:
+        return None
+    return MontyDecoder().process_decoded(doc["output"])
+
+
+def resumable(function):
+    """Return a finished stage's stored output instead of running it again."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from jobflow import CURRENT_JOB
+
+        current = CURRENT_JOB.job
+        store = CURRENT_JOB.store
+        key = (current.metadata or {}).get(KEY) if current is not None else None
+        if key and store is not None:
+            cached = find_checkpoint(store, key)
+            if cached is not None:
+                logger.info("stage %s already finished: reusing its stored output", key)
+                return cached
+        return function(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,362 @@
+"""Exploration specification: one YAML file per chemical system, validated by pydantic.
+
+Every stage reads its own settings block; unknown keys are errors so that a typo in a
+spec never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "ChemicalSystem",
+    "ConvergenceSettings",
+    "ExplorationSpec",
+    "ForceFieldSettings",
+    "GeneratorSettings",
+    "LabelSettings",
+    "RelaxSettings",
+    "ScoreSettings",
+    "SelectionSettings",
+    "SpecError",
+    "StoreSettings",
+    "TrainingSettings",
+    "load_spec",
+]
+
+
+class SpecError(ValueError):
+    """A user error in an exploration spec, already phrased for the command line."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _existing_file(value: Path | None, setting: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ValueError(f"file not found: {path} (set {setting} to an existing path)")
+    return path.resolve()
+
+
+class ChemicalSystem(_Settings):
+    """Elements of the explored system and the cell sizes the generators may use."""
+
+    elements: list[str] = Field(..., description="Element symbols, e.g. [Li, P, S]")
+    min_atoms: int = Field(2, ge=1, description="Fewest atoms per generated cell")
+    max_atoms: int = Field(16, ge=1, description="Most atoms per generated cell")
+
+    @field_validator("elements")
+    @classmethod
+    def _check_elements(cls, value: list[str]) -> list[str]:
+        from pymatgen.core.periodic_table import Element
+
+        if not value:
+            raise ValueError("the chemical system is empty: list at least one element")
+        cleaned = []
+        for symbol in value:
+            symbol = str(symbol).strip()
+            if not Element.is_valid_symbol(symbol):
+                raise ValueError(f"unknown element {symbol!r}")
+            if symbol in cleaned:
+                raise ValueError(f"element {symbol!r} is listed twice")
+            cleaned.append(symbol)
+        return cleaned
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ChemicalSystem:
+        if self.min_atoms > self.max_atoms:
+            raise ValueError(
+                f"min_atoms ({self.min_atoms}) is larger than max_atoms ({self.max_atoms})"
+            )
+        return self
+
+    @property
+    def chemsys(self) -> str:
+        """pymatgen-style chemical system string, elements sorted: 'Li-P-S'."""
+        return "-".join(sorted(self.elements))
+
+
+class GeneratorSettings(_Settings):
+    """Candidate generation per iteration: `num_per_condition` structures per condition."""
+
+    backend: Literal["pyxtal", "mattergen", "chggen"] = "pyxtal"
+    num_per_condition: int = Field(16, ge=1)
+    # Target E_hull conditions (eV/atom), as in the paper: 0.00, 0.03, 0.06.
+    conditions: list[float] = Field(default_factory=lambda: [0.0, 0.03, 0.06])
+    # pyxtal: space groups are drawn from this range; volume prior scales atomic volumes.
+    min_space_group: int = Field(2, ge=1, le=230)
+    max_space_group: int = Field(230, ge=1, le=230)
+    volume_factor: float = Field(1.0, gt=0.1, lt=10)
+    max_attempts_per_structure: int = Field(20, ge=1)
+    # MatterGen / CHGGen: checkpoint directory, sampling knobs.
+    checkpoint: Path | None = None
+    guidance_factor: float = Field(2.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    diffusion_steps: int | None = Field(None, ge=1)
+    device: str = "auto"
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, value):
+        return _existing_file(value, "generator.checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneratorSettings:
+        if not self.conditions:
+            raise ValueError("conditions is empty: give at least one target E_hull")
+        if self.min_space_group > self.max_space_group:
+            raise ValueError("min_space_group is larger than max_space_group")
+        if self.backend in ("mattergen", "chggen") and self.checkpoint is None:
+            raise ValueError(
+                f"backend {self.backend!r} needs a model: set generator.checkpoint"
+            )
+        return self
+
+
+class ForceFieldSettings(_Settings):
+    """The MLFF that relaxes and scores candidates (and is fine-tuned each iteration)."""
+
+    backend: Literal["chgnet", "deepmd", "mace", "mattersim"] = "chgnet"
+    # chgnet: a version shipped in the wheel ("0.3.0", "0.2.0", "r2scan") or a file.
+    chgnet_version: str = "0.3.0"
+    # deepmd/mace/mattersim: path of a frozen model / checkpoint file.
+    model_path: Path | None = None
+    # deepmd multi-task pretrained models (e.g. DPA-3.1-3M) need a branch ("head").
+    model_branch: str | None = None
+    device: str = "cpu"
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_exists(cls, value):
+        return _existing_file(value, "forcefield.model_path")
+
+    @model_validator(mode="after")
+    def _check(self) -> ForceFieldSettings:
+        if self.backend != "chgnet" and self.model_path is None:
+            raise ValueError(
+                f"backend {self.backend!r} needs a model file: set forcefield.model_path"
+            )
+        return self
+
+
+class RelaxSettings(_Settings):
+    """Cell + positions relaxation with an ASE optimizer and a cell filter."""
+
+    optimizer: Literal["FIRE", "BFGS", "LBFGS"] = "FIRE"
+    fmax: float = Field(0.05, gt=0, description="eV/Å")
+    steps: int = Field(300, ge=1)
+    cell_filter: Literal["frechet", "exp", "none"] = "frechet"
+    # Sanity gates: a structure outside them is rejected and recorded, never crashes.
+    min_interatomic_distance: float = Field(0.6, ge=0, description="Å")
+    max_volume_per_atom: float = Field(150.0, gt=0, description="Å^3/atom")
+    max_abs_energy_per_atom: float = Field(50.0, gt=0, description="eV/atom")
+
+
+class ScoreSettings(_Settings):
+    """E_hull against the reference hull and the S.U.N. flags (paper Methods 4.1)."""
+
+    stability_threshold: float = Field(0.1, description="E_hull < this is 'stable' (eV/atom)")
+    ltol: float = 0.2
+    stol: float = 0.3
+    angle_tol: float = 5.0
+
+
+class EhullBin(_Settings):
+    low: float | None = Field(None, description="inclusive lower edge (None: -inf)")
+    high: float = Field(..., description="exclusive upper edge, eV/atom")
+    quota: int = Field(..., ge=0)
+
+
+def _paper_bins() -> list[EhullBin]:
+    return [
+        EhullBin(low=None, high=0.0, quota=100),
+        EhullBin(low=0.0, high=0.03, quota=200),
+        EhullBin(low=0.03, high=0.10, quota=300),
+    ]
+
+
+class SelectionSettings(_Settings):
+    """E_hull-binned quotas, ranked inside each bin by information-entropy gain."""
+
+    bins: list[EhullBin] = Field(default_factory=_paper_bins)
+    quota_scale: float = Field(1.0, gt=0)
+    only_sun: bool = True
+    entropy_cutoff: float = Field(5.0, gt=0, description="QUESTS descriptor cutoff, Å")
+    entropy_k: int = Field(32, ge=1, description="QUESTS neighbours")
+    bandwidth: float = Field(0.015, gt=0, description="QUESTS kernel bandwidth")
+
+
+class LabelSettings(_Settings):
+    """Labelled frames for training. `teacher` is a pretrained MLFF standing in for DFT."""
+
+    backend: Literal["teacher", "cp2k", "vasp"] = "teacher"
+    teacher_chgnet_version: str = "0.3.0"
+    copies_per_structure: int = Field(3, ge=1)
+    position_sigma: tuple[float, float] = (0.08, 0.15)
+    lattice_strain: tuple[float, float] = (0.03, 0.05)
+    include_unperturbed: bool = True
+
+
+class TrainingSettings(_Settings):
+    """DPA-3 training with deepmd-kit; defaults follow the paper's schedule (Methods 4.3)."""
+
+    backend: Literal["deepmd", "none"] = "deepmd"
+    pretrained: Path | None = None
+    model_branch: str | None = None
+    n_train: int = Field(4050, ge=1, description="top-N frames by entropy gain")
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    # Paper: ~50 epochs (~50 x N_train steps); numb_steps overrides when set.
+    epochs: float = Field(50.0, gt=0)
+    numb_steps: int | None = Field(None, ge=1)
+    start_lr: float = 1e-3
+    stop_lr: float = 3e-5
+    decay_steps: int = Field(2000, ge=1)
+    start_pref_e: float = 0.2
+    limit_pref_e: float = 20.0
+    start_pref_f: float = 100.0
+    limit_pref_f: float = 60.0
+    start_pref_v: float = 0.02
+    limit_pref_v: float = 1.0
+    rcut: float = 6.0
+    rcut_smth: float = 0.5
+    # DPA-3 size (from-scratch models only); the paper fine-tunes DPA-3.1-3M.
+    n_dim: int = 32
+    e_dim: int = 16
+    a_dim: int = 8
+    nlayers: int = 2
+    batch_size: int | Literal["auto"] = "auto"
+    relax_with_trained_model: bool = False
+    seed: int = 1
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_exists(cls, value):
+        return _existing_file(value, "training.pretrained")
+
+
+class ConvergenceSettings(_Settings):
+    """When the loop stops: entropy saturation or max_iterations."""
+
+    max_iterations: int = Field(3, ge=1)
+    # Paper: dH/dN < 1e-3 is enough for pre-screening, 1e-4 for accurate models.
+    dh_dn_threshold: float = Field(1e-3, ge=0)
+    entropy_gain_epsilon: float = Field(0.0, ge=0)
+    min_iterations: int = Field(1, ge=1)
+
+
+class StoreSettings(_Settings):
+    """Results store: embedded MontyStore (default) or MongoDB when `uri` is set."""
+
+    uri: str | None = None
+    database: str = "cscflow"
+    docs_collection: str = "outputs"
+    data_collection: str = "outputs_data"
+    timeout_ms: int = Field(5000, ge=100)
+
+
+class ExplorationSpec(_Settings):
+    """The whole exploration: what to explore, each stage's settings, where results go."""
+
+    name: str = "exploration"
+    chemical_system: ChemicalSystem
+    seeds: list[Path] = Field(default_factory=list, description="iteration-0 structure files")
+    seed_errors: Literal["skip", "raise"] = "skip"
+    use_prototypes: bool = True
+    materials_project: bool = False
+    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    forcefield: ForceFieldSettings = Field(default_factory=ForceFieldSettings)
+    relax: RelaxSettings = Field(default_factory=RelaxSettings)
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    labeller: LabelSettings = Field(default_factory=LabelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    convergence: ConvergenceSettings = Field(default_factory=ConvergenceSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    seed: int = 42
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_exist(cls, value: list[Path]) -> list[Path]:
+        return [_existing_file(p, "seeds") for p in value]
+
+    @property
+    def max_iterations(self) -> int:
+        return self.convergence.max_iterations
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExplorationSpec:
+        return load_spec(path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        if item["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path) -> ExplorationSpec:
+    """Read and validate a spec; relative file paths are taken relative to the spec."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec must be a YAML mapping of settings")
+    base = path.resolve().parent
+    _resolve_relative_paths(raw, base)
+    try:
+        return ExplorationSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(str(path), err)) from None
+
+
+_PATH_KEYS = {
+    ("seeds",): True,
+    ("generator", "checkpoint"): False,
+    ("forcefield", "model_path"): False,
+    ("training", "pretrained"): False,
+}
+
+
+def _resolve_relative_paths(raw: dict, base: Path) -> None:
+    def fix(value):
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return str(base / value)
+        return value
+
+    for keys, is_list in _PATH_KEYS.items():
+        node = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or keys[-1] not in node:
+            continue
+        value = node[keys[-1]]
+        node[keys[-1]] = [fix(v) for v in value] if is_list and isinstance(value, list) else fix(value)

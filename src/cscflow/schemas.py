@@ -1,0 +1,153 @@
+"""Documents passed between stages and written to the store.
+
+Units: energies eV, forces eV/Å, stress GPa with ASE's sign convention
+(``atoms.get_stress(voigt=False) / ase.units.GPa``: positive = tensile), E_hull eV/atom.
+Large lists (candidates, frames) are routed to the ``data`` additional store by the
+jobs that emit them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pymatgen.core import Structure
+
+__all__ = [
+    "Candidate",
+    "Frame",
+    "IterationDocument",
+    "LoopState",
+    "Provenance",
+    "ReferenceEntry",
+]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+
+class Provenance(_Doc):
+    """Where a candidate came from; copied onto every frame made from it."""
+
+    candidate_id: str
+    iteration: int
+    generator: str = Field(..., description="pyxtal, mattergen, chggen, prototype, seed")
+    condition: dict[str, Any] = Field(default_factory=dict, description="e.g. {'e_hull': 0.03}")
+    parent: str | None = Field(None, description="id of the structure this one came from")
+    sample_index: int | None = None
+    seed: int | None = None
+
+
+class Candidate(_Doc):
+    """One structure moving through an iteration; stages fill in their fields."""
+
+    provenance: Provenance
+    structure: Structure
+    status: Literal["generated", "relaxed", "rejected"] = "generated"
+    reject_reason: str | None = None
+    # Relax
+    energy: float | None = None
+    energy_per_atom: float | None = None
+    max_force: float | None = None
+    stress: list[list[float]] | None = None
+    relax_steps: int | None = None
+    converged: bool | None = None
+    model: str | None = Field(None, description="force field that produced the energy")
+    # Score
+    e_hull: float | None = None
+    is_stable: bool | None = None
+    is_unique: bool | None = None
+    is_novel: bool | None = None
+    # Select
+    delta_entropy: float | None = None
+    selected: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.provenance.candidate_id
+
+    @property
+    def is_sun(self) -> bool:
+        return bool(self.is_stable and self.is_unique and self.is_novel)
+
+    @property
+    def formula(self) -> str:
+        return self.structure.composition.reduced_formula
+
+
+class ReferenceEntry(_Doc):
+    """A structure on the reference hull side, with its energy from `model`."""
+
+    entry_id: str
+    structure: Structure
+    energy_per_atom: float
+    model: str
+    source: str = Field(..., description="prototype, seed file, materials_project, iteration k")
+
+
+class Frame(_Doc):
+    """A labelled configuration for training: energy, forces, stress."""
+
+    frame_id: str
+    structure: Structure
+    energy: float
+    forces: list[list[float]]
+    stress: list[list[float]] | None = None
+    kind: Literal["unperturbed", "perturbed", "relax_step", "static"]
+    labeller: str = Field(..., description="e.g. 'teacher:chgnet-0.3.0 (stand-in for DFT)', 'cp2k'")
+    provenance: Provenance
+    label_seed: int | None = None
+    delta_entropy: float | None = None
+
+    @property
+    def energy_per_atom(self) -> float:
+        return self.energy / len(self.structure)
+
+
+class IterationDocument(_Doc):
+    """Everything one iteration measured: what the loop and `cscflow status` read."""
+
+    iteration: int
+    n_generated: int = 0
+    n_relaxed: int = 0
+    n_rejected: int = 0
+    n_stable: int = 0
+    n_unique: int = 0
+    n_novel: int = 0
+    n_sun: int = 0
+    n_selected: int = 0
+    n_labelled: int = 0
+    n_train_total: int = 0
+    entropy_candidates: float | None = None
+    entropy_training: float | None = None
+    dh_dn: float | None = Field(None, description="entropy increase per added training frame")
+    entropy_gain: float | None = None
+    sun_ratio: float | None = None
+    stable_ratio: float | None = None
+    unique_ratio: float | None = None
+    novel_ratio: float | None = None
+    e_hull_by_condition: dict[str, list[float]] = Field(default_factory=dict)
+    energy_rmse: float | None = Field(None, description="eV/atom, held-out frames")
+    force_rmse: float | None = Field(None, description="eV/Å, held-out frames")
+    model_path: str | None = None
+    rejection_reasons: dict[str, int] = Field(default_factory=dict)
+
+
+class LoopState(_Doc):
+    """Serialisable state handed from one iteration's trigger to the next.
+
+    Holds ids and uuids, never structures: stages receive OutputReferences built from
+    these uuids and jobflow resolves them from the store.
+    """
+
+    run_id: str
+    spec: dict[str, Any]
+    iteration: int = 0
+    reference_uuid: str | None = Field(None, description="job holding the iteration-0 references")
+    scored_uuids: list[str] = Field(default_factory=list, description="Score jobs of past iterations")
+    labelled_uuids: list[str] = Field(default_factory=list, description="Label jobs of past iterations")
+    model_path: str | None = Field(None, description="force field for the next Relax, if trained")
+    history: list[IterationDocument] = Field(default_factory=list)
+    converged: bool = False
+    stop_reason: str | None = None

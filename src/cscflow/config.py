@@ -22,6 +22,7 @@ from pydantic import (
 __all__ = [
     "ChemicalSystem",
     "ConvergenceSettings",
+    "DispatchSettings",
     "ExplorationSpec",
     "ForceFieldSettings",
     "GeneratorSettings",
@@ -269,6 +270,21 @@ class StoreSettings(_Settings):
     timeout_ms: int = Field(5000, ge=100)
 
 
+def _default_categories() -> dict[str, str | None]:
+    gpu = ("generate", "relax", "train", "finetune_generator")
+    cpu = ("references", "score", "select", "label", "evaluate", "trigger")
+    return {**{s: "gpu" for s in gpu}, **{s: "cpu" for s in cpu}}
+
+
+class DispatchSettings(_Settings):
+    """FireWorks `_category` of each stage: GPU work to GPU workers, DFT to CPU workers."""
+
+    categories: dict[str, str | None] = Field(default_factory=_default_categories)
+
+    def category(self, stage: str) -> str | None:
+        return self.categories.get(stage)
+
+
 class ExplorationSpec(_Settings):
     """The whole exploration: what to explore, each stage's settings, where results go."""
 
@@ -287,6 +303,7 @@ class ExplorationSpec(_Settings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     convergence: ConvergenceSettings = Field(default_factory=ConvergenceSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     seed: int = 42
 
     @field_validator("seeds")

@@ -147,7 +147,9 @@ class LoopState(_Doc):
     reference_uuid: str | None = Field(None, description="job holding the iteration-0 references")
     scored_uuids: list[str] = Field(default_factory=list, description="Score jobs of past iterations")
     labelled_uuids: list[str] = Field(default_factory=list, description="Label jobs of past iterations")
-    model_path: str | None = Field(None, description="force field for the next Relax, if trained")
+    model_path: str | None = Field(None, description="frozen force field of the last Train")
+    model_checkpoint: str | None = Field(None, description="training checkpoint to continue from")
+    generator_checkpoint: str | None = Field(None, description="generator model for the next Generate")
     history: list[IterationDocument] = Field(default_factory=list)
     converged: bool = False
     stop_reason: str | None = None

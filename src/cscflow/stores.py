@@ -51,7 +51,8 @@ def _embedded_store(settings: StoreSettings, run_dir: Path) -> JobStore:
 
 def _mongo_store(settings: StoreSettings) -> JobStore:
     import pymongo
-    from maggma.stores import GridFSURIStore, MongoURIStore
+    from maggma.stores import MongoURIStore
+    from maggma.stores.gridfs import GridFSURIStore
 
     uri = settings.uri
     try:

@@ -1,0 +1,117 @@
+"""The `cscflow` command line. User errors print one line per problem, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from cscflow.config import SpecError, load_spec
+
+
+class _UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _user_errors(func):
+    """Turn known user-facing exceptions into one clear message (set CSCFLOW_DEBUG=1 for tracebacks)."""
+    from cscflow.runner import RunError
+    from cscflow.stores import StoreError
+    from cscflow.structures_io import StructureReadError
+
+    known = (SpecError, RunError, StoreError, StructureReadError, FileNotFoundError)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except known as exc:
+            if os.environ.get("CSCFLOW_DEBUG"):
+                raise
+            raise _UserError(str(exc)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="cscflow")
+def main():
+    """Chemical-space completeness flows: explore a chemical system with generative models, MLFFs and DFT."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_user_errors
+def validate(spec):
+    """Validate SPEC.yaml and print the resolved spec (all defaults filled in)."""
+    resolved = load_spec(spec)
+    click.echo(resolved.to_yaml(), nl=False)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<spec name>).")
+@_user_errors
+def explore(spec, run_dir):
+    """Run an exploration locally (jobflow run_locally, embedded store by default)."""
+    from cscflow.runner import explore as run_explore, format_status
+
+    _configure_logging()
+    resolved = load_spec(spec)
+    run_dir = run_dir or os.path.join("runs", resolved.name)
+    final = run_explore(spec, run_dir)
+    click.echo(format_status(run_dir))
+    click.echo(f"stopped: {final.stop_reason}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_user_errors
+def resume(run_dir):
+    """Finish an interrupted run without recomputing finished stages."""
+    from cscflow.runner import format_status, resume as run_resume
+
+    _configure_logging()
+    final = run_resume(run_dir)
+    click.echo(format_status(run_dir))
+    click.echo(f"stopped: {final.stop_reason}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@_user_errors
+def status(run_dir):
+    """One row per finished iteration of a run."""
+    from cscflow.runner import format_status
+
+    click.echo(format_status(run_dir))
+
+
+def _configure_logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    for noisy in ("matplotlib", "numba", "urllib3", "h5py", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _register_optional_commands():
+    """Commands that live next to their analysis code."""
+    try:
+        from cscflow.analysis.motifs import motifs_command
+    except ImportError:  # pragma: no cover - the analysis package is part of cscflow
+        return
+    main.add_command(motifs_command, name="motifs")
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

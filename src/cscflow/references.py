@@ -1,0 +1,105 @@
+"""Iteration 0: the reference structures the hull is built from.
+
+Sources, in order: prototypes built from crystallographic facts (``use_prototypes``),
+the spec's seed files, and the Materials Project (``materials_project: true`` with
+MP_API_KEY). They are read when the flow is built (on the submitting machine), relaxed
+by the exploration's own force field (the paper recomputes iteration 0 with its own
+settings) and become ReferenceEntry documents.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from jobflow import Maker, job
+from pydantic import BaseModel, Field
+
+from cscflow.checkpoint import resumable
+from cscflow.config import ExplorationSpec, SpecError
+from cscflow.schemas import Candidate, Provenance, ReferenceEntry
+
+__all__ = ["ReferenceMaker", "ReferencesOutput", "initial_candidates"]
+
+logger = logging.getLogger(__name__)
+
+
+def initial_candidates(spec: ExplorationSpec) -> list[Candidate]:
+    """Iteration-0 structures as Candidates with provenance (prototype / seed / MP)."""
+    from cscflow.structures_io import load_seed_files, query_materials_project
+
+    elements = spec.chemical_system.elements
+    out: list[Candidate] = []
+
+    def add(structure, generator: str, label: str, parent: str | None):
+        idx = len(out)
+        prov = Provenance(
+            candidate_id=f"it0-{generator}-{idx:04d}-{label}",
+            iteration=0,
+            generator=generator,
+            parent=parent,
+            sample_index=idx,
+        )
+        out.append(Candidate(provenance=prov, structure=structure))
+
+    if spec.use_prototypes:
+        from cscflow.prototypes import prototype_structures
+
+        for label, structure in prototype_structures(elements):
+            add(structure, "prototype", label, None)
+    seeds, problems = load_seed_files(spec.seeds, elements, on_error=spec.seed_errors)
+    for problem in problems:
+        logger.warning(problem)
+    for seed in seeds:
+        add(seed.structure, "seed", seed.label, f"{seed.source}:{seed.label}")
+    if spec.materials_project:
+        for seed in query_materials_project(elements):
+            add(seed.structure, "materials_project", seed.label, seed.label)
+    if not out:
+        raise SpecError(
+            "iteration 0 has no reference structures: enable use_prototypes, list seed files "
+            "under seeds, or set materials_project: true"
+        )
+    present = {el.symbol for c in out for el in c.structure.composition.elements}
+    missing = sorted(set(elements) - present)
+    if missing:
+        raise SpecError(
+            f"no reference structure contains {', '.join(missing)}: the hull needs every element; "
+            "add seed files (seeds:) with those elements"
+        )
+    return out
+
+
+class ReferencesOutput(BaseModel):
+    references: list[ReferenceEntry] = Field(default_factory=list)
+    candidates: list[Candidate] = Field(default_factory=list, description="relaxed references")
+    n_rejected: int = 0
+    rejected: dict[str, str] = Field(default_factory=dict, description="id -> reason")
+
+
+@dataclass
+class ReferenceMaker(Maker):
+    """Turn relaxed iteration-0 candidates into hull references."""
+
+    name: str = "references"
+
+    @job(data=["references", "candidates"])
+    @resumable
+    def make(self, candidates: list[Candidate]) -> ReferencesOutput:
+        good = [c for c in candidates if c.status == "relaxed" and c.energy_per_atom is not None]
+        refs = [
+            ReferenceEntry(
+                entry_id=c.id,
+                structure=c.structure,
+                energy_per_atom=c.energy_per_atom,
+                model=c.model or "unknown",
+                source=c.provenance.generator if c.provenance.parent is None else c.provenance.parent,
+            )
+            for c in good
+        ]
+        rejected = {c.id: c.reject_reason or c.status for c in candidates if c not in good}
+        for cid, why in rejected.items():
+            logger.warning("reference %s rejected: %s", cid, why)
+        return ReferencesOutput(
+            references=refs, candidates=good, n_rejected=len(rejected), rejected=rejected
+        )

@@ -1,0 +1,76 @@
+"""Spec loading and validation: good specs resolve, bad ones give one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from cscflow.config import ExplorationSpec, SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_spec_loads():
+    spec = load_spec(REPO / "workflows" / "lips_demo.yaml")
+    assert spec.chemical_system.chemsys == "Li-P-S"
+    assert spec.generator.conditions == [0.0, 0.03, 0.06]
+    assert spec.max_iterations == 3
+    # Paper defaults survive where the demo does not override them.
+    assert spec.training.start_lr == 1e-3 and spec.training.stop_lr == 3e-5
+    assert [b.quota for b in spec.selection.bins] == [100, 200, 300]
+
+
+def test_minimal_spec_gets_defaults(tmp_path):
+    spec = load_spec(write(tmp_path, "chemical_system: {elements: [Zn, P, S]}\n"))
+    assert spec.forcefield.backend == "chgnet"
+    assert spec.store.uri is None
+    assert spec.dispatch.category("relax") == "gpu" and spec.dispatch.category("label") == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("chemical_system: {elements: [Li, Xx]}", "chemical_system.elements: unknown element 'Xx'"),
+        ("chemical_system: {elements: []}", "chemical system is empty"),
+        ("chemical_system: {elements: [Li], min_atoms: -2}", "chemical_system.min_atoms"),
+        ("chemical_system: {elements: [Li], min_atoms: 9, max_atoms: 4}", "larger than max_atoms"),
+        ("chemical_system: {elements: [Li]}\nforcefield: {backend: nequip}", "forcefield.backend"),
+        ("chemical_system: {elements: [Li]}\nforcefield: {backend: deepmd}", "set forcefield.model_path"),
+        (
+            "chemical_system: {elements: [Li]}\nforcefield: {backend: deepmd, model_path: nope.pth}",
+            "file not found",
+        ),
+        ("chemical_system: {elements: [Li]}\ngenerator: {backend: mattergen}", "set generator.checkpoint"),
+        ("chemical_system: {elements: [Li]}\nrelax: {fmaxx: 0.1}", "relax.fmaxx: unknown setting"),
+        ("chemical_system: {elements: [Li]}\nseeds: [missing.cif]", "seeds: file not found"),
+        ("- just\n- a list\n", "must be a YAML mapping"),
+        ("chemical_system: {elements: [Li\n", "not valid YAML"),
+    ],
+)
+def test_bad_specs_name_the_field(tmp_path, text, expected):
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, text))
+    message = str(err.value)
+    assert expected in message
+    assert "Traceback" not in message and "pydantic" not in message
+    assert message.startswith(str(tmp_path))
+
+
+def test_relative_paths_resolve_against_spec(tmp_path):
+    (tmp_path / "seeds").mkdir()
+    cif = tmp_path / "seeds" / "li.cif"
+    cif.write_text("data_x\n")
+    spec = load_spec(write(tmp_path, "chemical_system: {elements: [Li]}\nseeds: [seeds/li.cif]\n"))
+    assert spec.seeds == [cif.resolve()]
+
+
+def test_spec_round_trips_through_yaml(tmp_path):
+    spec = load_spec(REPO / "workflows" / "lips_demo.yaml")
+    again = load_spec(write(tmp_path, spec.to_yaml()))
+    assert again == spec
+    assert ExplorationSpec.model_validate(spec.model_dump(mode="json")) == spec

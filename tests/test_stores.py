@@ -1,0 +1,63 @@
+"""The JobStore: embedded MontyStore keeps dynamic-flow outputs; MongoDB errors are fast and clear."""
+
+import time
+
+import pytest
+from jobflow import Flow, Response, job, run_locally
+
+from cscflow.config import StoreSettings
+from cscflow.stores import StoreError, build_job_store, redact_uri
+
+
+@job(data=["values"])
+def make_values(n):
+    return {"values": list(range(n)), "n": n}
+
+
+@job
+def add_more(n):
+    # A dynamic replacement re-uses this job's uuid with index 2: a JSONStore would collapse it.
+    if n < 3:
+        nxt = add_more(n + 1)
+        return Response(replace=Flow([make_values(n + 1), nxt], output=nxt.output))
+    return n
+
+
+def test_embedded_store_persists_dynamic_outputs(tmp_path):
+    store = build_job_store(StoreSettings(), tmp_path)
+    first = make_values(5)
+    loop = add_more(0)
+    run_locally(Flow([first, loop]), store=store, ensure_success=True, log=False)
+
+    reopened = build_job_store(StoreSettings(), tmp_path)
+    reopened.connect()
+    out = reopened.get_output(first.uuid, load=True)
+    assert out["values"] == [0, 1, 2, 3, 4]
+    # Large arrays live in the data store, not in the job document.
+    raw = reopened.docs_store.query_one({"uuid": first.uuid})
+    assert "blob_uuid" in str(raw["output"]["values"])
+    indices = sorted(d["index"] for d in reopened.docs_store.query({"uuid": loop.uuid}))
+    assert indices == [1, 2]
+    assert reopened.get_output(loop.uuid, which="last") == 3
+    assert (tmp_path / "store").is_dir()
+
+
+def test_embedded_store_needs_run_dir():
+    with pytest.raises(ValueError, match="run directory"):
+        build_job_store(StoreSettings())
+
+
+def test_unreachable_mongodb_fails_fast_and_hides_password():
+    settings = StoreSettings(uri="mongodb://alice:s3cret@127.0.0.1:1/cscflow", timeout_ms=1000)
+    start = time.perf_counter()
+    with pytest.raises(StoreError) as err:
+        build_job_store(settings)
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert "127.0.0.1:1" in message and "store.uri" in message
+    assert "s3cret" not in message and "alice" not in message
+
+
+def test_redact_uri():
+    assert redact_uri("mongodb+srv://u:p@host/db") == "mongodb+srv://***@host/db"
+    assert redact_uri("mongodb://host:27017") == "mongodb://host:27017"

@@ -53,6 +53,8 @@ def resumable(function):
             if cached is not None:
                 logger.info("stage %s already finished: reusing its stored output", key)
                 return cached
+        if key:
+            logger.info("stage %s: computing", key)
         return function(*args, **kwargs)
 
     return wrapper

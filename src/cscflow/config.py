@@ -21,6 +21,7 @@ from pydantic import (
 
 __all__ = [
     "ChemicalSystem",
+    "CP2KSettings",
     "ConvergenceSettings",
     "DispatchSettings",
     "ExplorationSpec",
@@ -202,6 +203,29 @@ class SelectionSettings(_Settings):
     bandwidth: float = Field(0.015, gt=0, description="QUESTS kernel bandwidth")
 
 
+class CP2KSettings(_Settings):
+    """CP2K (Quickstep, GPW) labeller: PBE, MOLOPT basis, GTH potentials; light defaults for laptops/CI."""
+
+    # None: $CSCFLOW_CP2K_COMMAND, else "cp2k_shell" (Debian's cp2k package); run in shell mode.
+    command: str | None = None
+    data_dir: Path | None = Field(None, description="CP2K_DATA_DIR (basis/potential files)")
+    xc: str = "PBE"
+    basis_set: str = "DZVP-MOLOPT-SR-GTH"
+    basis_set_file: str = "BASIS_MOLOPT"
+    pseudo_potential: str = "GTH-PBE"
+    potential_file: str = "GTH_POTENTIALS"
+    cutoff: float = Field(250.0, gt=0, description="finest grid cutoff, Ry")
+    rel_cutoff: float = Field(40.0, gt=0, description="Ry")
+    kspacing: float = Field(0.5, gt=0, description="Monkhorst-Pack n_i = ceil(|b_i| / kspacing), 1/Å incl. 2π")
+    max_scf: int = Field(100, ge=1)
+    eps_scf: float = Field(1e-6, gt=0)
+    smearing_temperature: float = Field(300.0, ge=0, description="Fermi-Dirac, K; 0 = off")
+    added_mos: int = Field(10, ge=0)
+    threads: int = Field(1, ge=1, description="OMP_NUM_THREADS of the CP2K process")
+    relax_fmax: float = Field(0.05, gt=0, description="eV/Å, positions + cell (FrechetCellFilter)")
+    relax_steps: int = Field(60, ge=1, description="most ionic steps per DFT relaxation")
+
+
 class LabelSettings(_Settings):
     """Labelled frames for training. `teacher` is a pretrained MLFF standing in for DFT."""
 
@@ -211,6 +235,12 @@ class LabelSettings(_Settings):
     position_sigma: tuple[float, float] = (0.08, 0.15)
     lattice_strain: tuple[float, float] = (0.03, 0.05)
     include_unperturbed: bool = True
+    # DFT protocol (paper Methods 4.2; cscflow.label.protocol): per selected structure,
+    # copies_per_structure perturbed relaxations, relax_frames_kept (low, high) ionic steps
+    # kept from each (first and last always), statics_per_structure perturbed statics.
+    relax_frames_kept: tuple[int, int] = (1, 5)
+    statics_per_structure: int = Field(5, ge=0)
+    cp2k: CP2KSettings = Field(default_factory=CP2KSettings)
 
 
 class TrainingSettings(_Settings):
@@ -221,6 +251,8 @@ class TrainingSettings(_Settings):
     model_branch: str | None = None
     n_train: int = Field(4050, ge=1, description="top-N frames by entropy gain")
     test_fraction: float = Field(0.1, ge=0, lt=1)
+    # Paper: the training pool is iterations 0-3; later iterations are test-only.
+    train_iterations_max: int = Field(3, ge=0)
     # Paper: ~50 epochs (~50 x N_train steps); numb_steps overrides when set.
     epochs: float = Field(50.0, gt=0)
     numb_steps: int | None = Field(None, ge=1)

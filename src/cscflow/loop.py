@@ -115,7 +115,9 @@ def exploration_step(state: LoopState, evaluation: IterationDocument | None = No
     )
     trigger = exploration_step(next_state, evaluation=jobs["evaluate"].output, train=jobs["train"].output)
     _tag_trigger(trigger, spec, state.run_id, k)
-    return Response(replace=Flow([*jobs.values(), trigger], output=trigger.output, name=f"iteration {k}"))
+    # No flow output on purpose: jobflow would add an uncategorised `store_inputs` job that
+    # category-bound FireWorks workers never pick up. The last trigger returns the final state.
+    return Response(replace=Flow([*jobs.values(), trigger], name=f"iteration {k}"))
 
 
 def _tag_trigger(trigger: Job, spec: ExplorationSpec, run_id: str, k: int) -> None:

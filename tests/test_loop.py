@@ -1,0 +1,133 @@
+"""The closed loop end to end with tiny counts: both stop conditions, provenance, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cscflow.runner import explore, format_status, load_run, rebuild_state, status_rows
+from cscflow.stores import build_job_store
+
+TINY = """
+name: tiny
+chemical_system: {{elements: [Li, S], min_atoms: 2, max_atoms: 6}}
+seed: 3
+generator: {{backend: pyxtal, num_per_condition: 2, conditions: [0.0, 0.06]}}
+relax: {{fmax: 0.2, steps: 40}}
+selection: {{quota_scale: 0.02, only_sun: false}}
+labeller: {{backend: teacher, copies_per_structure: 1}}
+training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_train: 200, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
+convergence: {{max_iterations: {max_iterations}, dh_dn_threshold: {threshold}, min_iterations: {min_iterations}}}
+"""
+
+
+def tiny_spec(tmp_path: Path, max_iterations=2, threshold=0.0, min_iterations=1) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(max_iterations=max_iterations, threshold=threshold, min_iterations=min_iterations))
+    return path
+
+
+def _store_docs(run_dir):
+    run_id, spec = load_run(run_dir)
+    store = build_job_store(spec.store, run_dir)
+    store.connect()
+    return run_id, spec, store
+
+
+def test_loop_stops_at_max_iterations_and_keeps_provenance(tmp_path):
+    run_dir = tmp_path / "run"
+    final = explore(tiny_spec(tmp_path, max_iterations=2), run_dir)
+    assert final.converged and final.stop_reason.startswith("max_iterations")
+    assert [doc.iteration for doc in final.history] == [1, 2]
+    assert (run_dir / "final_state.json").is_file()
+
+    history, done, _ = status_rows(run_dir)
+    assert [d.iteration for d in history] == [1, 2]
+    assert done is not None
+    table = format_status(run_dir)
+    assert "dH/dN" in table and "finished: max_iterations" in table
+
+    # Provenance: every training frame traces back to a generated candidate of its iteration.
+    run_id, spec, store = _store_docs(run_dir)
+    state = rebuild_state(store, run_id, spec)
+    generated = {}
+    for doc in store.query({"metadata.run_id": run_id, "metadata.stage": "generate"}, load=True):
+        for cand in doc["output"]["candidates"]:
+            generated[cand["provenance"]["candidate_id"]] = cand["provenance"]
+    frames = []
+    for uuid in state.labelled_uuids[1:]:
+        frames += store.get_output(uuid, load=True)["frames"]
+    assert frames, "the loop labelled nothing"
+    for frame in frames:
+        prov = frame["provenance"]
+        assert prov["candidate_id"] in generated
+        assert generated[prov["candidate_id"]]["condition"] == prov["condition"]
+        assert prov["iteration"] in (1, 2)
+    train = [d for d in store.query({"metadata.run_id": run_id, "metadata.stage": "train"}, load=True)]
+    assert len(train) == 2
+    assert all(Path(d["output"]["model_path"]).is_file() for d in train)
+    frame_ids = {f["frame_id"] for f in frames}
+    assert set(train[-1]["output"]["train_frame_ids"]) - frame_ids, "iteration-0 frames are trained on too"
+    store.close()
+
+
+def test_loop_stops_when_entropy_saturates(tmp_path):
+    # Any finite dH/dN is below this threshold: the loop must stop as soon as dH/dN exists.
+    final = explore(tiny_spec(tmp_path, max_iterations=5, threshold=1e9), tmp_path / "run")
+    assert final.stop_reason.startswith("entropy saturated"), final.stop_reason
+    assert len(final.history) < 5
+    assert final.history[-1].dh_dn is not None
+
+
+def _count(lines, needle):
+    return sum(needle in line for line in lines)
+
+
+@pytest.mark.timeout(900)
+def test_resume_after_kill_recomputes_nothing(tmp_path):
+    spec = tiny_spec(tmp_path, max_iterations=1)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cscflow.cli", "explore", str(spec), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first: list[str] = []
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        first.append(line)
+        if "Starting job - label it1" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline, "explore never reached label it1"
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(first[-20:])
+    finished_before = [s for s in ("generate", "relax", "score", "select") if _count(first, f"/1/{s}: computing")]
+    assert finished_before == ["generate", "relax", "score", "select"]
+
+    run_id, spec_obj, store = _store_docs(run_dir)
+    before = {d["metadata"]["stage"] for d in store.query({"metadata.run_id": run_id, "metadata.iteration": 1, "output": {"$ne": None}})}
+    store.close()
+    assert {"generate", "relax", "score", "select"} <= before and "train" not in before
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cscflow.cli", "resume", str(run_dir)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    out = (resumed.stdout + resumed.stderr).splitlines()
+    assert resumed.returncode == 0, "\n".join(out[-30:])
+    for stage in ("generate", "relax", "score", "select"):
+        assert _count(out, f"/1/{stage} already finished: reusing") == 1, stage
+        assert _count(out, f"/1/{stage}: computing") == 0, stage
+    for stage in ("references", "label"):
+        assert _count(out, f"/0/{stage}: computing") == 0
+    assert _count(out, "/1/label: computing") == 1
+    assert _count(out, "/1/train: computing") == 1
+    history, final, _ = status_rows(run_dir)
+    assert [d.iteration for d in history] == [1] and final is not None
+    assert history[0].n_generated == 4

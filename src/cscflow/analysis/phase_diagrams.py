@@ -1,0 +1,239 @@
+"""0 K phase diagrams: references only vs references + S.U.N. candidates (paper Fig. 2b–c).
+
+pymatgen's PhaseDiagram builds both hulls; the plot is drawn here (ternary triangle or
+binary formation-energy line) so that new stable phases can be highlighted and metastable
+candidates (E_hull ≤ 0.1 eV/atom) coloured by their E_hull.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from jobflow import Maker, job
+from pydantic import BaseModel, Field
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+__all__ = [
+    "PhaseDiagramMaker",
+    "PhaseDiagramSummary",
+    "compare_hulls",
+    "plot_phase_diagrams",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseDiagramSummary(BaseModel):
+    """What adding the S.U.N. candidates did to the hull."""
+
+    elements: list[str]
+    reference_stable: list[str] = Field(default_factory=list, description="reference entry ids on the reference hull")
+    new_stable: list[str] = Field(default_factory=list, description="candidate ids on the combined hull")
+    displaced: list[str] = Field(
+        default_factory=list, description="reference ids stable alone but off the combined hull"
+    )
+    metastable: dict[str, float] = Field(
+        default_factory=dict, description="candidate id -> E_hull (combined hull), 0 < E_hull <= threshold"
+    )
+    e_hull_vs_references: dict[str, float] = Field(
+        default_factory=dict, description="candidate id -> E_hull against the reference-only hull"
+    )
+    skipped: dict[str, str] = Field(default_factory=dict, description="candidate id -> why not on the diagram")
+    models: list[str] = Field(default_factory=list, description="energy models seen; more than one is suspicious")
+    figures: list[str] = Field(default_factory=list)
+
+
+def _reference_entries(references) -> list[PDEntry]:
+    entries = []
+    for ref in references:
+        entries.append(PDEntry(
+            ref.structure.composition, ref.energy_per_atom * len(ref.structure), name=ref.entry_id,
+            attribute={"kind": "reference", "id": ref.entry_id},
+        ))
+    return entries
+
+
+def _candidate_entries(candidates, elements: set[str], sun_only: bool) -> tuple[list[PDEntry], dict[str, str]]:
+    entries, skipped = [], {}
+    for cand in candidates:
+        cid = cand.provenance.candidate_id
+        if cand.status == "rejected":
+            continue
+        if sun_only and not cand.is_sun:
+            continue
+        if cand.energy_per_atom is None:
+            skipped[cid] = "no energy"
+            continue
+        symbols = {el.symbol for el in cand.structure.composition.elements}
+        if not symbols <= elements:
+            skipped[cid] = f"elements {sorted(symbols - elements)} not in the references"
+            continue
+        entries.append(PDEntry(
+            cand.structure.composition, cand.energy_per_atom * len(cand.structure), name=cid,
+            attribute={"kind": "candidate", "id": cid},
+        ))
+    return entries, skipped
+
+
+def _build(references, candidates, sun_only: bool):
+    if not references:
+        raise ValueError("a phase diagram needs reference entries (at least the elements)")
+    ref_entries = _reference_entries(references)
+    elements = sorted({el.symbol for e in ref_entries for el in e.composition.elements})
+    missing = [el for el in elements if not any(
+        e.composition.is_element and e.composition.elements[0].symbol == el for e in ref_entries
+    )]
+    if missing:
+        raise ValueError(f"no elemental reference for {missing}: the hull needs every element")
+    if len(elements) < 2:
+        raise ValueError(f"a phase diagram needs at least two elements, references have {elements}")
+    cand_entries, skipped = _candidate_entries(candidates, set(elements), sun_only)
+    pd_ref = PhaseDiagram(ref_entries)
+    pd_all = PhaseDiagram(ref_entries + cand_entries)
+    return elements, ref_entries, cand_entries, skipped, pd_ref, pd_all
+
+
+def compare_hulls(
+    references: Sequence,
+    candidates: Sequence,
+    sun_only: bool = True,
+    metastable_threshold: float = 0.1,
+) -> tuple[PhaseDiagramSummary, PhaseDiagram, PhaseDiagram]:
+    """Summary + (reference-only, combined) PhaseDiagrams."""
+    elements, ref_entries, cand_entries, skipped, pd_ref, pd_all = _build(references, candidates, sun_only)
+    models = sorted({r.model for r in references} | {c.model for c in candidates if c.model and c.energy_per_atom is not None})
+    if len(models) > 1:
+        logger.warning("energies from several models on one hull: %s", models)
+    stable_all = {id(e) for e in pd_all.stable_entries}
+    summary = PhaseDiagramSummary(
+        elements=elements,
+        reference_stable=sorted(e.name for e in pd_ref.stable_entries),
+        skipped=skipped,
+        models=models,
+    )
+    all_stable_names = {e.name for e in pd_all.stable_entries}
+    summary.displaced = [n for n in summary.reference_stable if n not in all_stable_names]
+    for entry in cand_entries:
+        summary.e_hull_vs_references[entry.name] = float(pd_ref.get_e_above_hull(entry, allow_negative=True))
+        if id(entry) in stable_all:
+            summary.new_stable.append(entry.name)
+            continue
+        e_hull = float(pd_all.get_e_above_hull(entry))
+        if e_hull <= metastable_threshold:
+            summary.metastable[entry.name] = e_hull
+    return summary, pd_ref, pd_all
+
+
+def _xy(composition, elements: list[str]) -> tuple[float, float]:
+    frac = [composition.get_atomic_fraction(el) for el in elements]
+    if len(elements) == 2:
+        return frac[1], 0.0
+    return frac[1] + frac[2] / 2, frac[2] * np.sqrt(3) / 2
+
+
+def _draw(ax, pd: PhaseDiagram, elements, candidates_meta: dict[str, float] | None, new_ids: set[str],
+          threshold: float, title: str, displaced: Sequence[str] = ()):
+    binary = len(elements) == 2
+
+    def point(entry):
+        x, y = _xy(entry.composition, elements)
+        return (x, pd.get_form_energy_per_atom(entry)) if binary else (x, y)
+
+    if not binary:
+        corners = np.array([[0, 0], [1, 0], [0.5, np.sqrt(3) / 2], [0, 0]])
+        ax.plot(*corners.T, color="0.6", lw=0.8)
+        for el, (x, y) in zip(elements, corners[:3]):
+            ax.annotate(el, (x, y), textcoords="offset points", xytext=(0, -14 if y == 0 else 6),
+                        ha="center", fontsize=11, fontweight="bold")
+        ax.set_aspect("equal")
+        ax.axis("off")
+    else:
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.set_xlabel(f"x in {elements[0]}(1-x){elements[1]}x")
+        ax.set_ylabel("formation energy (eV/atom)")
+    for facet in pd.facets:
+        pts = [point(pd.qhull_entries[i]) for i in facet]
+        for a in range(len(pts)):
+            for b in range(a + 1, len(pts)):
+                ax.plot([pts[a][0], pts[b][0]], [pts[a][1], pts[b][1]], color="k", lw=0.8, zorder=1)
+    sc = None
+    if candidates_meta:
+        entries = {e.name: e for e in pd.all_entries if (e.attribute or {}).get("kind") == "candidate"}
+        names = [n for n in candidates_meta if n in entries]
+        xy = np.array([point(entries[n]) for n in names]) if names else np.empty((0, 2))
+        if len(xy):
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=[candidates_meta[n] for n in names], cmap="viridis",
+                            vmin=0, vmax=threshold, s=22, zorder=2, edgecolors="none")
+    for entry in pd.all_entries:
+        if entry.name in displaced and (entry.attribute or {}).get("kind") == "reference":
+            x, y = point(entry)
+            ax.scatter([x], [y], s=40, facecolors="none", edgecolors="0.4", zorder=3)
+            ax.annotate(f"{entry.composition.reduced_formula} (off hull)", (x, y), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color="0.4")
+    for entry in pd.stable_entries:
+        x, y = point(entry)
+        is_new = (entry.attribute or {}).get("kind") == "candidate" and entry.name in new_ids
+        if is_new:
+            ax.scatter([x], [y], marker="*", s=180, color="tab:red", edgecolors="k", zorder=4)
+        else:
+            ax.scatter([x], [y], s=30, color="k", zorder=3)
+        if not entry.composition.is_element:
+            ax.annotate(entry.composition.reduced_formula, (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color="tab:red" if is_new else "k")
+    ax.set_title(title, fontsize=10)
+    return sc
+
+
+def plot_phase_diagrams(
+    references: Sequence,
+    candidates: Sequence,
+    path: str | Path,
+    sun_only: bool = True,
+    metastable_threshold: float = 0.1,
+) -> tuple[Path, PhaseDiagramSummary]:
+    """Two panels (references | references + S.U.N.) saved as PNG; returns (path, summary)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, pd_ref, pd_all = compare_hulls(references, candidates, sun_only, metastable_threshold)
+    if len(summary.elements) > 3:
+        raise ValueError(f"only binary and ternary diagrams are drawn, got {summary.elements}")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    _draw(axes[0], pd_ref, summary.elements, None, set(), metastable_threshold,
+          f"references only ({len(summary.reference_stable)} stable)")
+    sc = _draw(axes[1], pd_all, summary.elements, summary.metastable, set(summary.new_stable),
+               metastable_threshold, displaced=summary.displaced,
+               title=f"references + S.U.N. ({len(summary.new_stable)} new stable, {len(summary.metastable)} metastable)")
+    if sc is not None:
+        fig.colorbar(sc, ax=axes[1], shrink=0.7, label="E_hull (eV/atom)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    summary.figures = [str(path)]
+    return path, summary
+
+
+@dataclass
+class PhaseDiagramMaker(Maker):
+    """Reference hull vs hull with the run's S.U.N. structures, as a summary and a PNG."""
+
+    name: str = "phase diagram"
+    sun_only: bool = True
+    metastable_threshold: float = 0.1
+
+    @job
+    def make(self, references: list, candidates: list, out_dir: str) -> PhaseDiagramSummary:
+        flat = []
+        for item in candidates:
+            flat.extend(item if isinstance(item, (list, tuple)) else [item])
+        _, summary = plot_phase_diagrams(references, flat, Path(out_dir) / "phase_diagram.png",
+                                         self.sun_only, self.metastable_threshold)
+        return summary

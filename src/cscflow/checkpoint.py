@@ -35,7 +35,12 @@ def find_checkpoint(store, key: str):
     )
     if doc is None:
         return None
-    return MontyDecoder().process_decoded(doc["output"])
+    from jobflow.core.reference import find_and_resolve_references
+
+    # A stage that replaced itself (DFT labelling flows) may have stored references to
+    # the outputs of its replacement jobs: hand back the data, not the reference.
+    output = find_and_resolve_references(doc["output"], store)
+    return MontyDecoder().process_decoded(output)
 
 
 def resumable(function):

@@ -67,9 +67,8 @@ def explore(spec, run_dir):
     _configure_logging()
     resolved = load_spec(spec)
     run_dir = run_dir or os.path.join("runs", resolved.name)
-    final = run_explore(spec, run_dir)
+    run_explore(spec, run_dir)
     click.echo(format_status(run_dir))
-    click.echo(f"stopped: {final.stop_reason}")
 
 
 @main.command()
@@ -80,9 +79,8 @@ def resume(run_dir):
     from cscflow.runner import format_status, resume as run_resume
 
     _configure_logging()
-    final = run_resume(run_dir)
+    run_resume(run_dir)
     click.echo(format_status(run_dir))
-    click.echo(f"stopped: {final.stop_reason}")
 
 
 @main.command()
@@ -96,6 +94,11 @@ def status(run_dir):
 
 
 def _configure_logging():
+    import warnings
+
+    # Library deprecation chatter (monty's cd in jobflow, pymatgen, torch) is not the user's business.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     for noisy in ("matplotlib", "numba", "urllib3", "h5py", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -108,9 +111,16 @@ def _register_optional_commands():
     except ImportError:  # pragma: no cover - the analysis package is part of cscflow
         return
     main.add_command(motifs_command, name="motifs")
+    from cscflow.analysis.report import report_command
+
+    main.add_command(report_command, name="report")
 
 
 _register_optional_commands()
+
+from cscflow.dispatch import submit_command  # noqa: E402  (FireWorks is imported lazily)
+
+main.add_command(submit_command, name="submit")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,6 +45,15 @@ class SpecError(ValueError):
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # MSONable protocol: FireWorks serialises each job (and the Maker holding these settings)
+    # with monty's non-strict jsanitize, which turns plain pydantic models into strings.
+    def as_dict(self) -> dict:
+        return {"@module": type(self).__module__, "@class": type(self).__name__, **self.model_dump(mode="json")}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls.model_validate({k: v for k, v in d.items() if not k.startswith("@")})
+
 
 def _existing_file(value: Path | None, setting: str) -> Path | None:
     if value is None:
@@ -111,6 +120,11 @@ class GeneratorSettings(_Settings):
     batch_size: int = Field(16, ge=1)
     diffusion_steps: int | None = Field(None, ge=1)
     device: str = "auto"
+    # Per-iteration fine-tuning of the generator on labelled E_hull (MatterGen only).
+    finetune: bool = True
+    finetune_steps: int = Field(200, ge=1)
+    finetune_batch_size: int = Field(16, ge=1)
+    finetune_lr: float | None = Field(None, gt=0)
 
     @field_validator("checkpoint")
     @classmethod

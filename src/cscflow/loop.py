@@ -39,8 +39,37 @@ def _ref(uuid: str, attribute: str) -> OutputReference:
     return getattr(OutputReference(uuid), attribute)
 
 
+def generator_checkpoint(spec: ExplorationSpec, state: LoopState) -> str | None:
+    """The generator model of this iteration: the last fine-tuned one, else the configured one."""
+    if state.generator_checkpoint:
+        return state.generator_checkpoint
+    return str(spec.generator.checkpoint) if spec.generator.checkpoint else None
+
+
+@job(name="link")
+def link_outputs(uuids: list[str], attribute: str) -> list[OutputReference]:
+    """References to earlier iterations' outputs, made at run time.
+
+    Under FireWorks a replace flow may not reference jobs outside itself (jobflow's
+    ``flow_to_workflow`` rejects external references), so the uuids travel as plain strings
+    and this job returns the references; jobflow resolves them when a stage reads them, so
+    nothing is copied in the store.
+    """
+    return [_ref(u, attribute) for u in uuids]
+
+
+def _linked(spec: ExplorationSpec, run_id: str, k: int, uuids: list[str], attribute: str):
+    link = link_outputs(list(uuids), attribute)
+    link.name = f"link {attribute} it{k}"
+    link.metadata.update({"run_id": run_id, "iteration": k, "stage": "link"})
+    category = spec.dispatch.category("link") or spec.dispatch.category("trigger")
+    if category:
+        link.update_config({"manager_config": {"_category": category}}, dynamic=False)
+    return link, [link.output[i] for i in range(len(uuids))]
+
+
 def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str, Job]:
-    """The seven stage jobs of iteration k, wired together."""
+    """The stage jobs of iteration k, wired together, plus the `link` jobs they read from."""
     from cscflow.evaluate import EvaluateMaker
     from cscflow.generators import GenerateMaker
     from cscflow.label import LabelMaker
@@ -50,18 +79,27 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
     from cscflow.train import TrainMaker
 
     relax_model = state.model_path if spec.training.relax_with_trained_model else None
-    old_frames = [_ref(u, "frames") for u in state.labelled_uuids]
+    links = {
+        attribute: _linked(spec, state.run_id, k, uuids, attribute)
+        for attribute, uuids in (
+            ("references", [state.reference_uuid]),
+            ("candidates", state.scored_uuids),
+            ("frames", state.labelled_uuids),
+        )
+        if uuids
+    }
+    old_frames = links["frames"][1]
     jobs: dict[str, Job] = {}
     jobs["generate"] = GenerateMaker(
         chemical_system=spec.chemical_system, settings=spec.generator
-    ).make(iteration=k, seed=spec.seed, checkpoint=state.generator_checkpoint)
+    ).make(iteration=k, seed=spec.seed, checkpoint=generator_checkpoint(spec, state))
     jobs["relax"] = RelaxMaker(forcefield=spec.forcefield, settings=spec.relax).make(
         jobs["generate"].output.candidates, model_path=relax_model
     )
     jobs["score"] = ScoreMaker(settings=spec.score, forcefield=spec.forcefield).make(
         jobs["relax"].output.candidates,
-        references=_ref(state.reference_uuid, "references"),
-        previous=[_ref(u, "candidates") for u in state.scored_uuids],
+        references=links["references"][1][0],
+        previous=links["candidates"][1] if "candidates" in links else [],
         model_path=relax_model,
     )
     jobs["select"] = SelectMaker(settings=spec.selection).make(
@@ -74,6 +112,15 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
     jobs["train"] = TrainMaker(settings=spec.training, type_map=spec.chemical_system.elements).make(
         all_frames, iteration=k, previous_model=state.model_checkpoint
     )
+    if spec.generator.backend == "mattergen" and spec.generator.finetune:
+        from cscflow.generators.mattergen import FinetuneGeneratorMaker
+
+        jobs["finetune_generator"] = FinetuneGeneratorMaker(
+            max_steps=spec.generator.finetune_steps,
+            batch_size=spec.generator.finetune_batch_size,
+            lr=spec.generator.finetune_lr,
+            device=spec.generator.device,
+        ).make(all_frames, checkpoint=generator_checkpoint(spec, state), iteration=k, seed=spec.seed)
     jobs["evaluate"] = EvaluateMaker(selection=spec.selection, convergence=spec.convergence).make(
         k,
         scored=jobs["score"].output.candidates,
@@ -84,20 +131,25 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
     )
     for stage, job_ in jobs.items():
         tag_stage(job_, spec, state.run_id, k, stage)
+    for attribute, (link, _) in links.items():
+        jobs[f"link_{attribute}"] = link
     return jobs
 
 
 @job(name="explore")
-def exploration_step(state: LoopState, evaluation: IterationDocument | None = None, train=None):
-    """Record the last iteration, stop if saturated, else append the next iteration."""
+def exploration_step(
+    state: LoopState, evaluation: IterationDocument | None = None, train=None, generator=None, after=None
+):
+    """Record the last iteration, stop if saturated, else append the next iteration.
+
+    `after` only orders the first trigger behind iteration 0: FireWorks starts a job as soon
+    as its parents are done, and without a reference the trigger would have none.
+    """
     from cscflow.evaluate import should_stop
 
     spec = ExplorationSpec.model_validate(state.spec)
     if evaluation is not None:
-        updates = {"history": [*state.history, evaluation]}
-        if train is not None and getattr(train, "model_path", None):
-            updates.update(model_path=train.model_path, model_checkpoint=train.checkpoint_path)
-        state = state.model_copy(update=updates)
+        state = advance_state(state, evaluation, train, generator)
     reason = should_stop(state.history, spec.convergence) if state.history else None
     if reason is None and state.iteration >= spec.convergence.max_iterations:
         reason = f"max_iterations ({spec.convergence.max_iterations}) reached"
@@ -113,11 +165,31 @@ def exploration_step(state: LoopState, evaluation: IterationDocument | None = No
             "labelled_uuids": [*state.labelled_uuids, jobs["label"].uuid],
         }
     )
-    trigger = exploration_step(next_state, evaluation=jobs["evaluate"].output, train=jobs["train"].output)
+    finetuned = jobs["finetune_generator"].output if "finetune_generator" in jobs else None
+    trigger = exploration_step(
+        next_state, evaluation=jobs["evaluate"].output, train=jobs["train"].output, generator=finetuned
+    )
     _tag_trigger(trigger, spec, state.run_id, k)
     # No flow output on purpose: jobflow would add an uncategorised `store_inputs` job that
     # category-bound FireWorks workers never pick up. The last trigger returns the final state.
     return Response(replace=Flow([*jobs.values(), trigger], name=f"iteration {k}"))
+
+
+def advance_state(state: LoopState, evaluation, train=None, generator=None) -> LoopState:
+    """Fold one finished iteration (its evaluation, trained models) into the state."""
+    updates = {"history": [*state.history, evaluation]}
+    model_path = _get(train, "model_path")
+    if model_path:
+        updates.update(model_path=model_path, model_checkpoint=_get(train, "checkpoint_path"))
+    if _get(generator, "checkpoint"):
+        updates["generator_checkpoint"] = _get(generator, "checkpoint")
+    return state.model_copy(update=updates)
+
+
+def _get(obj, name: str):
+    if obj is None:
+        return None
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def _tag_trigger(trigger: Job, spec: ExplorationSpec, run_id: str, k: int) -> None:
@@ -161,6 +233,6 @@ def exploration_flow(spec: ExplorationSpec, run_id: str | None = None, seeds=Non
         reference_uuid=jobs["references"].uuid,
         labelled_uuids=[jobs["label"].uuid],
     )
-    trigger = exploration_step(state)
+    trigger = exploration_step(state, after=jobs["label"].output.labeller)
     _tag_trigger(trigger, spec, run_id, 0)
     return Flow([*jobs.values(), trigger], output=trigger.output, name=f"cscflow {spec.name}")

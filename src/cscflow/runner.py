@@ -52,9 +52,8 @@ def _run(flow, spec: ExplorationSpec, run_dir: Path) -> LoopState | None:
     store = build_job_store(spec.store, run_dir)
     jobs_dir = run_dir / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
-    responses = run_locally(
-        flow, store=store, root_dir=jobs_dir, create_folders=True, log="%(asctime)s %(message)s"
-    )
+    # log=False: jobflow's messages reach the root logger the CLI configured (no duplicates).
+    responses = run_locally(flow, store=store, root_dir=jobs_dir, create_folders=True, log=False)
     final = _final_state(responses)
     if final is None:
         raise RunError(
@@ -127,21 +126,24 @@ def rebuild_state(store, run_id: str, spec: ExplorationSpec) -> LoopState | None
         reference_uuid=latest[(0, "references")]["uuid"],
         labelled_uuids=[latest[(0, "label")]["uuid"]],
     )
+    from cscflow.loop import advance_state
+
     decode = MontyDecoder().process_decoded
+
+    def output(k, stage):
+        return decode(latest[(k, stage)]["output"]) if (k, stage) in latest else None
+
     k = 1
     while (k, "evaluate") in latest:
-        evaluation = IterationDocument.model_validate(_plain(decode(latest[(k, "evaluate")]["output"])))
-        train = decode(latest[(k, "train")]["output"]) if (k, "train") in latest else None
-        updates = {
-            "iteration": k,
-            "scored_uuids": [*state.scored_uuids, latest[(k, "score")]["uuid"]],
-            "labelled_uuids": [*state.labelled_uuids, latest[(k, "label")]["uuid"]],
-            "history": [*state.history, evaluation],
-        }
-        model_path = _get(train, "model_path")
-        if model_path:
-            updates.update(model_path=model_path, model_checkpoint=_get(train, "checkpoint_path"))
-        state = state.model_copy(update=updates)
+        evaluation = IterationDocument.model_validate(_plain(output(k, "evaluate")))
+        state = state.model_copy(
+            update={
+                "iteration": k,
+                "scored_uuids": [*state.scored_uuids, latest[(k, "score")]["uuid"]],
+                "labelled_uuids": [*state.labelled_uuids, latest[(k, "label")]["uuid"]],
+            }
+        )
+        state = advance_state(state, evaluation, output(k, "train"), output(k, "finetune_generator"))
         k += 1
     if (state.iteration, "trigger") in latest:
         out = decode(latest[(state.iteration, "trigger")]["output"])

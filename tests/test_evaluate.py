@@ -86,7 +86,8 @@ def test_entropy_rises_when_a_different_structure_is_added(lips_structures, fram
     assert second.energy_rmse is None and second.model_path is None
     # same frames again: nothing added, no dH/dN
     third = evaluate_iteration(3, cands, [], [frames[:1], frames[1:2]], None, [first, second])
-    assert third.dh_dn is None and third.entropy_gain == pytest.approx(0.0, abs=1e-12)
+    # No new frames: nothing is said about saturation.
+    assert third.dh_dn is None and third.entropy_gain is None
 
 
 def test_evaluate_maker_in_jobflow(lips_structures, frames):

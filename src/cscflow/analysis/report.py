@@ -1,0 +1,752 @@
+"""`cscflow report RUN_DIR`: one HTML page with every figure of the paper for one run.
+
+Reads only the run's store (newest document per iteration and stage, as `cscflow resume`
+does), so it works on a run that is still going: each section shows what exists and says
+what is missing and why. Figures are PNGs under ``report/figures``; structure
+fingerprints are cached in ``report/fingerprints.json`` and parity predictions in
+``report/parity.json`` so a second report only computes what is new.
+
+Sections: run overview, E_hull density per condition and iteration (Fig. 2a), phase
+diagrams (2b–c), S.U.N. ratios (2d), entropy and labelled frames (2e), RMSE vs N_train
+(3a), parity of the last trained model on its test frames (3b–c), joint t-SNE maps
+(Fig. 4a), the anion-motif catalogue, the top candidates with provenance, and downstream
+results (QHA, conductivity) when the run has them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from jobflow import Maker, job
+from pydantic import BaseModel, Field
+
+from cscflow.config import ExplorationSpec
+from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry
+
+__all__ = [
+    "ReportMaker",
+    "ReportOutput",
+    "RunData",
+    "load_run_data",
+    "report_command",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+DOWNSTREAM_STAGES = ("qha", "conductivity")
+_IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
+
+
+# ----------------------------------------------------------------------------- run data
+def _get(obj: Any, name: str, default=None):
+    """Attribute of a stage output, whether decoded into its pydantic model or left a dict."""
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _as(model, items) -> list:
+    """Validate a list of documents (objects or their dict form) into `model`."""
+    from pymatgen.core import Structure
+
+    out = []
+    for item in items or []:
+        if isinstance(item, model):
+            out.append(item)
+            continue
+        data = dict(item)
+        data = {k: v for k, v in data.items() if not k.startswith("@")}
+        if isinstance(data.get("structure"), dict):
+            data["structure"] = Structure.from_dict(data["structure"])
+        out.append(model.model_validate(data))
+    return out
+
+
+@dataclass
+class RunData:
+    """The newest output of every (iteration, stage) of one run, decoded."""
+
+    run_dir: Path
+    run_id: str
+    spec: ExplorationSpec
+    outputs: dict[tuple[int, str], Any] = field(default_factory=dict)
+    completed: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> list[int]:
+        """Loop iterations (>= 1) with at least one finished stage."""
+        return sorted({k for k, stage in self.outputs if k >= 1 and stage not in DOWNSTREAM_STAGES})
+
+    def stages(self, k: int) -> list[str]:
+        return sorted(stage for it, stage in self.outputs if it == k)
+
+    def output(self, k: int, stage: str):
+        return self.outputs.get((k, stage))
+
+    def references(self) -> list[ReferenceEntry]:
+        return _as(ReferenceEntry, _get(self.output(0, "references"), "references", []))
+
+    def candidates(self, k: int) -> tuple[list[Candidate], str | None]:
+        """The most processed candidates of iteration k (score > relax > generate) and their stage."""
+        order = ("references", "relax") if k == 0 else ("score", "relax", "generate")
+        for stage in order:
+            out = self.output(k, stage)
+            if out is not None and _get(out, "candidates") is not None:
+                return _as(Candidate, _get(out, "candidates")), stage
+        return [], None
+
+    def scored(self) -> dict[int, list[Candidate]]:
+        return {k: _as(Candidate, _get(self.output(k, "score"), "candidates", []))
+                for k in self.iterations if self.output(k, "score") is not None}
+
+    def frames(self, k: int) -> list[Frame]:
+        return _as(Frame, _get(self.output(k, "label"), "frames", []))
+
+    def all_frames(self) -> list[Frame]:
+        return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]
+
+    def evaluation(self, k: int) -> IterationDocument | None:
+        out = self.output(k, "evaluate")
+        if out is None:
+            return None
+        return out if isinstance(out, IterationDocument) else IterationDocument.model_validate(
+            {a: b for a, b in dict(out).items() if not a.startswith("@")})
+
+    def final_state(self) -> LoopState | None:
+        triggers = sorted(k for k, s in self.outputs if s == "trigger")
+        for k in reversed(triggers):
+            out = self.output(k, "trigger")
+            if _get(out, "converged"):
+                return out if isinstance(out, LoopState) else LoopState.model_validate(
+                    {a: b for a, b in dict(out).items() if not a.startswith("@")})
+        return None
+
+
+def load_run_data(run_dir: str | Path) -> RunData:
+    """Read the newest finished document of every stage of the run in `run_dir`."""
+    from monty.json import MontyDecoder
+
+    from cscflow.runner import load_run
+    from cscflow.stores import build_job_store
+
+    run_dir = Path(run_dir).resolve()
+    run_id, spec = load_run(run_dir)
+    store = build_job_store(spec.store, run_dir)
+    store.connect()
+    try:
+        docs = list(store.query({"metadata.run_id": run_id, "output": {"$ne": None}},
+                                properties=["uuid", "metadata", "completed_at", "output"], load=True))
+    finally:
+        store.close()
+    data = RunData(run_dir=run_dir, run_id=run_id, spec=spec)
+    raw: dict[tuple[int, str], dict] = {}
+    for doc in docs:
+        meta = doc.get("metadata") or {}
+        key = (int(meta.get("iteration", -1)), str(meta.get("stage")))
+        if key not in raw or str(doc.get("completed_at")) > str(raw[key].get("completed_at")):
+            raw[key] = doc
+    decoder = MontyDecoder()
+    for key, doc in raw.items():
+        try:
+            data.outputs[key] = decoder.process_decoded(doc["output"])
+        except Exception as exc:  # a stage module that cannot be imported: keep the plain dict
+            logger.warning("stage %s of iteration %s not decoded (%s): using its raw form", key[1], key[0], exc)
+            data.outputs[key] = doc["output"]
+        data.completed[key] = str(doc.get("completed_at"))
+    return data
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class Section:
+    """One block of the page: figures, an HTML body, and notes on what is missing."""
+
+    key: str
+    title: str
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the page, caption)
+    body: str = ""
+    missing: list[str] = field(default_factory=list)
+
+
+class ReportOutput(BaseModel):
+    """Where the report is and what it could not show."""
+
+    index_html: str
+    figures: list[str] = Field(default_factory=list, description="image paths relative to the report folder")
+    missing: dict[str, list[str]] = Field(default_factory=dict, description="section -> what is missing and why")
+    n_iterations: int = 0
+    finished: bool = False
+    seconds: float = 0.0
+
+
+def _condition_label(candidate: Candidate) -> str:
+    from cscflow.evaluate import condition_key
+
+    return condition_key(candidate.provenance.condition)
+
+
+class _Html(str):
+    """A table cell that is already HTML (a link): not escaped."""
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    def cell(v):
+        if isinstance(v, _Html):
+            return str(v)
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return "nan" if not np.isfinite(v) else f"{v:.4g}"
+        if isinstance(v, bool):
+            return "✓" if v else ""
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "\n".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>'
+
+
+def _iteration_rows(data: RunData) -> list[dict[str, Any]]:
+    """One row of IterationDocument fields per iteration; iterations without an Evaluate are
+    filled from their Score stage (same definitions as cscflow.evaluate) and flagged."""
+    rows = []
+    for k in data.iterations:
+        doc = data.evaluation(k)
+        if doc is not None:
+            rows.append({**doc.model_dump(), "in_progress": False})
+            continue
+        cands, stage = data.candidates(k)
+        row: dict[str, Any] = {"iteration": k, "in_progress": True, "n_generated": len(cands)}
+        if stage == "score" and cands:
+            relaxed = [c for c in cands if c.status == "relaxed"]
+            n = len(cands)
+            row.update({
+                "n_relaxed": len(relaxed),
+                "stable_ratio": sum(bool(c.is_stable) for c in relaxed) / n,
+                "unique_ratio": sum(bool(c.is_unique) for c in relaxed) / n,
+                "novel_ratio": sum(bool(c.is_novel) for c in relaxed) / n,
+                "sun_ratio": sum(c.is_sun for c in relaxed) / n,
+                "n_sun": sum(c.is_sun for c in relaxed),
+            })
+        rows.append(row)
+    return rows
+
+
+def _figure(section: Section, out: Path, name: str, caption: str, draw: Callable[[Path], Any]) -> Any:
+    """Draw one figure; a ValueError (nothing to draw) or a failure becomes a 'missing' note."""
+    path = out / "figures" / name
+    try:
+        result = draw(path)
+    except ValueError as exc:
+        section.missing.append(f"{caption}: {exc}")
+        return None
+    except Exception as exc:  # one broken figure must not cost the whole page
+        logger.exception("figure %s failed", name)
+        section.missing.append(f"{caption}: failed ({type(exc).__name__}: {exc})")
+        return None
+    section.figures.append((f"figures/{name}", caption))
+    return result
+
+
+def _overview(data: RunData, rows: list[dict]) -> Section:
+    sec = Section("overview", "Run overview")
+    final = data.final_state()
+    spec = data.spec
+    status = f"finished: {final.stop_reason}" if final else "in progress (or interrupted)"
+    lines = [
+        f"<p>Run <code>{html.escape(data.run_id)}</code> · spec <b>{html.escape(spec.name)}</b> · "
+        f"elements {html.escape('–'.join(spec.chemical_system.elements))} · generator "
+        f"<code>{html.escape(spec.generator.backend)}</code> · labeller <code>{html.escape(spec.labeller.backend)}</code>"
+        f" · force field <code>{html.escape(spec.forcefield.backend)}</code> · <b>{html.escape(status)}</b></p>",
+    ]
+    cols = [("iter", "iteration"), ("generated", "n_generated"), ("relaxed", "n_relaxed"), ("rejected", "n_rejected"),
+            ("S.U.N.", "n_sun"), ("selected", "n_selected"), ("labelled", "n_labelled"),
+            ("frames total", "n_train_total"), ("H_train", "entropy_training"), ("dH/dN", "dh_dn"),
+            ("E RMSE (eV/atom)", "energy_rmse"), ("F RMSE (eV/Å)", "force_rmse")]
+    if rows:
+        table_rows = [[r.get(a) for _, a in cols] + [", ".join(data.stages(r["iteration"]))] for r in rows]
+        lines.append(_table([c for c, _ in cols] + ["stages done"], table_rows))
+    else:
+        sec.missing.append("no loop iteration has started yet (only iteration 0 stages: "
+                           f"{', '.join(data.stages(0)) or 'none'})")
+    for r in rows:
+        if r.get("in_progress"):
+            sec.missing.append(f"iteration {r['iteration']} has no Evaluate yet: its row is partial "
+                               f"(done: {', '.join(data.stages(r['iteration']))})")
+    sec.body = "\n".join(lines)
+    return sec
+
+
+def _ehull_section(data: RunData, out: Path) -> Section:
+    from cscflow.analysis.figures import plot_ehull_density
+
+    sec = Section("ehull", "E_hull density per condition and iteration (Fig. 2a)")
+    by_it: dict[int, dict[str, list[float]]] = {}
+    for k, cands in data.scored().items():
+        for c in cands:
+            if c.e_hull is not None and c.status != "rejected":
+                by_it.setdefault(k, {}).setdefault(_condition_label(c), []).append(float(c.e_hull))
+    for k in data.iterations:
+        if k not in by_it:
+            doc = data.evaluation(k)
+            if doc is not None and doc.e_hull_by_condition:
+                by_it[k] = {c: list(v) for c, v in doc.e_hull_by_condition.items()}
+            else:
+                sec.missing.append(f"iteration {k}: not scored yet")
+    n_beyond = sum(v > 0.5 for conds in by_it.values() for vals in conds.values() for v in vals)
+    _figure(sec, out, "ehull_density.png", "E_hull density per generator condition (axis cut at 0.5 eV/atom)",
+            lambda p: plot_ehull_density(by_it, p))
+    if n_beyond:
+        sec.body = f"<p>{n_beyond} structures lie beyond 0.5 eV/atom (counted in the legends, not drawn).</p>"
+    return sec
+
+
+def _ratio_sections(rows: list[dict], out: Path) -> list[Section]:
+    from cscflow.analysis.figures import plot_entropy_and_frames, plot_sun_ratios
+
+    sun = Section("sun", "S.U.N. ratios vs iteration (Fig. 2d)")
+    _figure(sun, out, "sun_ratios.png", "stable / unique / novel / S.U.N. fraction of generated structures",
+            lambda p: plot_sun_ratios(rows, p))
+    ent = Section("entropy", "Entropy and labelled frames vs iteration (Fig. 2e)")
+    done = [r for r in rows if not r.get("in_progress")]
+    _figure(ent, out, "entropy_frames.png", "QUESTS entropy of the training pool and cumulative labelled frames",
+            lambda p: plot_entropy_and_frames(done, p))
+    return [sun, ent]
+
+
+def _train_rows(data: RunData) -> list[dict]:
+    rows = []
+    for k in sorted(k for k, s in data.outputs if s == "train"):
+        t = data.output(k, "train")
+        rows.append({"iteration": k, **{a: _get(t, a) for a in (
+            "n_train", "n_test", "energy_rmse", "force_rmse", "model_path", "test_frame_ids", "start_from")}})
+    return rows
+
+
+def _rmse_section(data: RunData, out: Path, train_rows: list[dict]) -> Section:
+    from cscflow.analysis.figures import plot_rmse_vs_ntrain
+
+    sec = Section("rmse", "Energy and force RMSE vs N_train (Fig. 3a)")
+    if not train_rows:
+        sec.missing.append("no Train stage has finished yet")
+        return sec
+    _figure(sec, out, "rmse_vs_ntrain.png", "held-out RMSE of each iteration's model vs its training-set size",
+            lambda p: plot_rmse_vs_ntrain(train_rows, p))
+    sec.body = _table(["iteration", "N_train", "N_test", "E RMSE (eV/atom)", "F RMSE (eV/Å)", "start from"],
+                      [[r["iteration"], r["n_train"], r["n_test"], r["energy_rmse"], r["force_rmse"], r["start_from"]]
+                       for r in train_rows])
+    return sec
+
+
+def _parity_predictions(data: RunData, out: Path, train: dict) -> dict:
+    """Predictions of the frozen model on its test frames, cached by model tag + frame ids."""
+    from cscflow.forcefields import get_calculator, model_tag, single_points
+
+    model_path = train["model_path"]
+    ids = list(train["test_frame_ids"] or [])
+    tag = model_tag(data.spec.forcefield, model_path)
+    cache_file = out / "parity.json"
+    if cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("model") == tag and cached.get("frame_ids") == ids:
+                return cached
+        except (json.JSONDecodeError, OSError):
+            pass
+    by_id = {f.frame_id: f for f in data.all_frames()}
+    frames = [by_id[i] for i in ids if i in by_id]
+    if not frames:
+        raise ValueError(f"none of the {len(ids)} test frames of iteration {train['iteration']} is in the store")
+    calc = get_calculator(data.spec.forcefield, model_path)
+    preds = single_points([f.structure for f in frames], calc, on_error="record")
+    result = {
+        "model": tag,
+        "frame_ids": ids,
+        "energy_ref": [f.energy / len(f.structure) for f in frames],
+        "energy_pred": [float(p["energy"]) / len(f.structure) for p, f in zip(preds, frames)],
+        "forces_ref": np.concatenate([np.asarray(f.forces, float).ravel() for f in frames]).tolist(),
+        "forces_pred": np.concatenate([np.asarray(p["forces"], float).ravel() for p in preds]).tolist(),
+        "n_missing": len(ids) - len(frames),
+    }
+    cache_file.write_text(json.dumps(result))
+    return result
+
+
+def _parity_section(data: RunData, out: Path, train_rows: list[dict], enabled: bool) -> Section:
+    from cscflow.analysis.figures import plot_parity
+
+    sec = Section("parity", "Parity of the last trained model on its test frames (Figs. 3b–c)")
+    if not enabled:
+        sec.missing.append("parity plots turned off (--no-parity)")
+        return sec
+    usable = [r for r in train_rows if r.get("model_path")]
+    if not usable:
+        sec.missing.append("no Train stage with a frozen model yet")
+        return sec
+    train = usable[-1]
+    if not Path(train["model_path"]).is_file():
+        sec.missing.append(f"model of iteration {train['iteration']} not found at {train['model_path']}")
+        return sec
+    if not train.get("test_frame_ids"):
+        sec.missing.append(f"the train stage of iteration {train['iteration']} kept no test frames")
+        return sec
+    try:
+        pred = _parity_predictions(data, out, train)
+    except Exception as exc:
+        sec.missing.append(f"predictions of the iteration-{train['iteration']} model failed: {type(exc).__name__}: {exc}")
+        return sec
+    result = _figure(sec, out, "parity.png",
+                     f"model of iteration {train['iteration']} ({pred['model']}) on {len(pred['energy_ref'])} test frames",
+                     lambda p: plot_parity(pred["energy_ref"], pred["energy_pred"], pred["forces_ref"],
+                                           pred["forces_pred"], p, title=f"iteration {train['iteration']} model"))
+    if result is not None:
+        stats = result[1]
+        sec.body = (f"<p>Energy RMSE {stats['energy_rmse'] * 1000:.1f} meV/atom, force RMSE "
+                    f"{stats['force_rmse']:.3f} eV/Å (recomputed here; the train stage reported "
+                    f"{_fmt(train['energy_rmse'])} eV/atom, {_fmt(train['force_rmse'])} eV/Å).</p>")
+        if pred.get("n_missing"):
+            sec.missing.append(f"{pred['n_missing']} test frame ids not found among the labelled frames")
+    return sec
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _all_candidates(data: RunData) -> list[Candidate]:
+    """Iteration-0 references-stage candidates plus every later iteration's most processed ones."""
+    out = []
+    for k in [0, *data.iterations]:
+        out.extend(data.candidates(k)[0])
+    return out
+
+
+def _tsne_section(data: RunData, out: Path, enabled: bool, anion_map: bool, seed: int) -> Section:
+    from cscflow.analysis.fingerprints import FingerprintCache
+    from cscflow.analysis.maps import fingerprint_map
+
+    sec = Section("tsne", "Joint t-SNE maps of CrystalNN fingerprints (Fig. 4a, Supp. Fig. 2)")
+    if not enabled:
+        sec.missing.append("t-SNE maps turned off (--no-tsne)")
+        return sec
+    cands = [c for c in _all_candidates(data) if c.status != "rejected"]
+    cache_file = out / "fingerprints.json"
+    cache = FingerprintCache()
+    if cache_file.is_file():
+        try:
+            cache = FingerprintCache.from_dict(json.loads(cache_file.read_text()))
+        except (json.JSONDecodeError, KeyError, OSError) as exc:
+            logger.warning("fingerprint cache %s unreadable (%s): recomputing", cache_file, exc)
+    notes = []
+    for remove_li in ([False, True] if anion_map else [False]):
+        tag = "anion framework (Li removed)" if remove_li else "all atoms"
+        try:
+            res = fingerprint_map(cands, out / "figures", remove_li=remove_li, seed=seed, cache=cache)
+        except ValueError as exc:
+            sec.missing.append(f"t-SNE ({tag}): {exc}")
+            continue
+        finally:
+            cache_file.write_text(json.dumps(cache.to_dict()))
+        for path, what in zip(res.figures, ("joint map coloured by iteration", "consecutive iterations on the shared map")):
+            sec.figures.append((f"figures/{Path(path).name}", f"{what}, {tag}"))
+        n_noox = sum(not f for f in res.oxidation_states)
+        notes.append(f"{tag}: {len(res.ids) - len(res.failed)} structures embedded"
+                     + (f", {n_noox} fingerprinted without oxidation states" if n_noox else "")
+                     + (f", {len(res.failed)} without a fingerprint" if res.failed else ""))
+    sec.body = "<p>" + "; ".join(html.escape(n) for n in notes) + " (iteration 0 = reference structures).</p>" if notes else ""
+    return sec
+
+
+def _motif_section(data: RunData, out: Path) -> Section:
+    from cscflow.analysis.motifs import MotifSettings, build_motif_catalog, export_clusters
+
+    sec = Section("motifs", "Anion motif catalogue (SI §1.2)")
+    cands = [c for k in data.iterations for c in data.candidates(k)[0] if c.status != "rejected"]
+    refs = data.references() + [f for f in data.frames(0) if f.kind == "unperturbed"]
+    if not cands:
+        sec.missing.append("no candidates of a loop iteration yet")
+        return sec
+    settings = MotifSettings.for_elements(data.spec.chemical_system.elements)
+    catalog = build_motif_catalog(cands, refs, settings)
+    (out / "motifs.json").write_text(catalog.model_dump_json(indent=1))
+    try:
+        clusters = export_clusters(catalog, out / "motifs")
+    except ValueError as exc:
+        clusters = []
+        sec.missing.append(f"cluster export: {exc}")
+    rows = [[r.name or "", r.formula, "periodic" if r.periodic else "finite", r.dimensionality if r.periodic else 0,
+             r.charge, r.count, r.n_structures, r.first_iteration, r.in_references, ", ".join(r.example_ids[:3]),
+             r.hash[:10]] for r in catalog.records]
+    sec.body = (
+        f"<p>{catalog.n_structures} candidate structures against {catalog.n_references} reference/"
+        f"iteration-0 structures; excluded from the graph: {html.escape(', '.join(settings.exclude))}. "
+        f"Catalogue: <a href=\"motifs.json\">motifs.json</a>; {len(clusters)} finite clusters in a 20 Å box under "
+        f"<a href=\"motifs/\">motifs/</a>.</p>"
+        + _table(["name", "formula", "kind", "dim", "charge", "count", "structures", "first it.", "in refs",
+                  "examples", "WL hash"], rows, "motifs")
+    )
+    if catalog.failures:
+        sec.missing.append(f"{len(catalog.failures)} structures without a motif graph: "
+                           + "; ".join(f"{k}: {v}" for k, v in list(catalog.failures.items())[:5]))
+    return sec
+
+
+def _phase_section(data: RunData, out: Path) -> Section:
+    from cscflow.analysis.phase_diagrams import plot_phase_diagrams
+
+    sec = Section("phase", "0 K phase diagrams: references vs references + S.U.N. (Figs. 2b–c)")
+    refs = data.references()
+    if not refs:
+        sec.missing.append("no references stage in the store yet")
+        return sec
+    cands = [c for cs in data.scored().values() for c in cs]
+    if not cands:
+        sec.missing.append("no scored candidates yet: only the reference hull is drawn")
+    result = _figure(sec, out, "phase_diagrams.png", "left: reference hull; right: with S.U.N. candidates "
+                     "(red stars: new stable, colour: E_hull ≤ 0.1 eV/atom)",
+                     lambda p: plot_phase_diagrams(refs, cands, p))
+    if result is not None:
+        s = result[1]
+        sec.body = (f"<p>Reference hull: {len(s.reference_stable)} stable entries. New stable: "
+                    f"{html.escape(', '.join(s.new_stable) or 'none')}; metastable (≤ 0.1 eV/atom): {len(s.metastable)}; "
+                    f"displaced references: {html.escape(', '.join(s.displaced) or 'none')}; energy models: "
+                    f"{html.escape(', '.join(s.models))}.</p>")
+    return sec
+
+
+def _spacegroup(structure) -> str:
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        return SpacegroupAnalyzer(structure, symprec=0.1).get_space_group_symbol()
+    except Exception:  # spglib gives up on some distorted cells
+        return "?"
+
+
+def _top_section(data: RunData, out: Path, top: int) -> Section:
+    from pymatgen.io.cif import CifWriter
+
+    sec = Section("top", f"Top {top} candidates by E_hull, with provenance")
+    cands = [c for cs in data.scored().values() for c in cs if c.status != "rejected" and c.e_hull is not None]
+    if not cands:
+        sec.missing.append("no scored candidates yet")
+        return sec
+    labelled = {f.provenance.candidate_id for f in data.all_frames()}
+    cands.sort(key=lambda c: (c.e_hull, c.id))
+    (out / "structures").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rank, c in enumerate(cands[:top], 1):
+        p = c.provenance
+        cif = f"structures/{rank:03d}_{c.formula}.cif"
+        CifWriter(c.structure).write_file(out / cif)
+        rows.append([rank, c.id, c.formula, len(c.structure), _spacegroup(c.structure), p.iteration,
+                     c.e_hull * 1000, c.is_stable, c.is_unique, c.is_novel, c.is_sun, c.selected,
+                     c.id in labelled, c.delta_entropy, p.generator, json.dumps(p.condition), p.parent,
+                     p.sample_index, p.seed, c.model, _Html(f'<a href="{cif}">cif</a>')])
+    table = _table(["#", "id", "formula", "atoms", "space group", "iter.", "E_hull (meV/atom)", "stable", "unique",
+                    "novel", "S.U.N.", "selected", "labelled", "δH", "generator", "condition", "parent",
+                    "sample", "seed", "model", "file"], rows, "top")
+    sec.body = table
+    return sec
+
+
+def _downstream_section(data: RunData, out: Path) -> Section:
+    """QHA / conductivity stage outputs in the store, and any figures/tables in RUN_DIR/downstream."""
+    sec = Section("downstream", "Downstream: QHA free energies and Li conductivity")
+    found = False
+    for stage in DOWNSTREAM_STAGES:
+        keys = sorted((k for k, s in data.outputs if s == stage), key=lambda key: data.completed[key])
+        if not keys:
+            continue
+        found = True
+        raw = data.output(*keys[-1])
+        try:
+            if stage == "qha":
+                from cscflow.downstream.qha import QhaOutput, write_qha_report
+
+                output = raw if isinstance(raw, QhaOutput) else QhaOutput.model_validate(
+                    {a: b for a, b in dict(raw).items() if not a.startswith("@")})
+                files = write_qha_report(output, out / "qha")
+            else:
+                from cscflow.downstream.conductivity import ConductivityOutput, write_conductivity_report
+
+                output = raw if isinstance(raw, ConductivityOutput) else ConductivityOutput.model_validate(
+                    {a: b for a, b in dict(raw).items() if not a.startswith("@")})
+                files = write_conductivity_report(output, out / "conductivity")
+                if output.table:
+                    cols = list(output.table[0])
+                    sec.body += "<h3>Kinetically stable conductors</h3>" + _table(
+                        cols, [[r.get(c) for c in cols] for r in output.table])
+        except Exception as exc:
+            sec.missing.append(f"{stage} stage output could not be reported: {type(exc).__name__}: {exc}")
+            continue
+        for name, path in files.items():
+            rel = Path(path).relative_to(out).as_posix()
+            if Path(path).suffix in _IMAGE_SUFFIXES:
+                sec.figures.append((rel, f"{stage}: {name}"))
+            else:
+                sec.body += f'<p><a href="{html.escape(rel)}">{html.escape(rel)}</a></p>'
+    ddir = data.run_dir / "downstream"
+    if ddir.is_dir():
+        for path in sorted(p for p in ddir.rglob("*") if p.is_file()):
+            found = True
+            rel = Path("downstream") / path.relative_to(ddir)
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, out / rel)
+            if path.suffix.lower() in _IMAGE_SUFFIXES:
+                sec.figures.append((rel.as_posix(), f"{rel.as_posix()}"))
+            elif path.suffix == ".md":
+                sec.body += f"<h3>{html.escape(rel.as_posix())}</h3><pre>{html.escape(path.read_text()[:20000])}</pre>"
+            else:
+                sec.body += f'<p><a href="{html.escape(rel.as_posix())}">{html.escape(rel.as_posix())}</a></p>'
+    if not found:
+        sec.missing.append("no qha/conductivity stage in the store and no RUN_DIR/downstream folder "
+                           "(run the downstream screens to fill this section)")
+    return sec
+
+
+# ----------------------------------------------------------------------------- page
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;color:#222}
+h1{margin-bottom:0.2em} h2{border-bottom:1px solid #ccc;padding-bottom:0.2em;margin-top:1.6em}
+figure{display:inline-block;margin:0.5em 1em 0.5em 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:0.85em;color:#555;max-width:700px}
+table{border-collapse:collapse;font-size:0.8em;margin:0.6em 0} td,th{border:1px solid #ddd;padding:2px 6px}
+th{background:#f3f3f3} .missing{color:#a15c00;font-size:0.9em} code{background:#f5f5f5;padding:0 3px}
+nav a{margin-right:0.8em;font-size:0.9em}
+"""
+
+
+def _render(data: RunData, sections: list[Section], seconds: float) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>cscflow report: {html.escape(data.spec.name)} ({html.escape(data.run_id)})</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>cscflow report: {html.escape(data.spec.name)}</h1>",
+        f"<p>Run directory <code>{html.escape(str(data.run_dir))}</code>; written "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds:.1f} s.</p>",
+        "<nav>" + "".join(f'<a href="#{s.key}">{html.escape(s.title.split(" (")[0])}</a>' for s in sections) + "</nav>",
+    ]
+    missing = [(s, m) for s in sections for m in s.missing]
+    if missing:
+        parts.append('<h2 id="missing">What is missing</h2><ul class="missing">'
+                     + "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a>: {html.escape(m)}</li>'
+                               for s, m in missing) + "</ul>")
+    for s in sections:
+        parts.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>')
+        for m in s.missing:
+            parts.append(f'<p class="missing">missing: {html.escape(m)}</p>')
+        for src, caption in s.figures:
+            parts.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if s.body:
+            parts.append(s.body)
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    top: int = 20,
+    parity: bool = True,
+    tsne: bool = True,
+    anion_map: bool = False,
+    seed: int = 0,
+) -> ReportOutput:
+    """Write `out_dir` (default RUN_DIR/report)/index.html with every figure the run's store allows."""
+    start = time.perf_counter()
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    data = load_run_data(run_dir)
+    out = Path(out_dir) if out_dir is not None else data.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    rows = _iteration_rows(data)
+    train_rows = _train_rows(data)
+    sections = [
+        _overview(data, rows),
+        _ehull_section(data, out),
+        _phase_section(data, out),
+        *_ratio_sections(rows, out),
+        _rmse_section(data, out, train_rows),
+        _parity_section(data, out, train_rows, parity),
+        _tsne_section(data, out, tsne, anion_map, seed),
+        _motif_section(data, out),
+        _top_section(data, out, top),
+        _downstream_section(data, out),
+    ]
+    seconds = time.perf_counter() - start
+    index = out / "index.html"
+    index.write_text(_render(data, sections, seconds), encoding="utf-8")
+    return ReportOutput(
+        index_html=str(index),
+        figures=[src for s in sections for src, _ in s.figures],
+        missing={s.key: s.missing for s in sections if s.missing},
+        n_iterations=len(data.iterations),
+        finished=data.final_state() is not None,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class ReportMaker(Maker):
+    """The run report as a job (e.g. appended after the loop's last trigger)."""
+
+    name: str = "report"
+    top: int = 20
+    parity: bool = True
+    tsne: bool = True
+    anion_map: bool = False
+    seed: int = 0
+
+    @job
+    def make(self, run_dir: str, out_dir: str | None = None) -> ReportOutput:
+        return write_report(run_dir, out_dir, self.top, self.parity, self.tsne, self.anion_map, self.seed)
+
+
+# ----------------------------------------------------------------------------- CLI
+@click.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: RUN_DIR/report).")
+@click.option("--top", default=20, show_default=True, help="Rows in the top-candidates table.")
+@click.option("--no-parity", is_flag=True, help="Skip evaluating the last model on its test frames.")
+@click.option("--no-tsne", is_flag=True, help="Skip fingerprints and t-SNE maps (the slowest part).")
+@click.option("--anion-map", is_flag=True, help="Also map the Li-removed anion frameworks.")
+@click.option("--seed", default=0, show_default=True, help="t-SNE seed.")
+def report_command(run_dir, out_dir, top, no_parity, no_tsne, anion_map, seed):
+    """Write RUN_DIR/report/index.html with every figure of the run (works on a run in progress)."""
+    import os
+
+    from cscflow.config import SpecError
+    from cscflow.runner import RunError
+    from cscflow.stores import StoreError
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        result = write_report(run_dir, out_dir, top=top, parity=not no_parity, tsne=not no_tsne,
+                              anion_map=anion_map, seed=seed)
+    except (RunError, SpecError, StoreError, ValueError) as exc:
+        if os.environ.get("CSCFLOW_DEBUG"):
+            raise
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"report: {result.index_html} ({len(result.figures)} figures, {result.seconds:.1f} s)")
+    for key, notes in result.missing.items():
+        for note in notes:
+            click.echo(f"  missing [{key}]: {note}")

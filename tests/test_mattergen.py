@@ -247,3 +247,55 @@ def test_finetune_maker_then_generate_with_new_checkpoint(tiny_mattergen, chgnet
     assert out_gen.generator == "mattergen"
     assert all(c.provenance.iteration == 2 for c in out_gen.candidates)
     assert out_gen.n_requested == 2
+
+
+@pytest.mark.slow  # ~6 min here (tiny model, DPA-3 training twice); run with -m slow
+@needs_mattergen
+def test_loop_with_mattergen_generator_and_finetuning(tiny_mattergen, tmp_path):
+    """Two iterations: generate -> ... -> fine-tune -> generate with the fine-tuned checkpoint."""
+    from cscflow.runner import explore, load_run
+    from cscflow.stores import build_job_store
+
+    spec = tmp_path / "mg.yaml"
+    spec.write_text(
+        f"""
+name: mattergen_tiny
+chemical_system: {{elements: [Li, P, S], min_atoms: 2, max_atoms: 8}}
+seed: 5
+generator:
+  backend: mattergen
+  checkpoint: {tiny_mattergen["tuned"].checkpoint}
+  num_per_condition: 4
+  conditions: [0.0]
+  diffusion_steps: 20
+  batch_size: 8
+  device: cpu
+  finetune_steps: 5
+  finetune_batch_size: 8
+relax: {{fmax: 0.2, steps: 30}}
+selection: {{only_sun: false, bins: [{{high: 0.0, quota: 1}}, {{low: 0.0, high: 10.0, quota: 2}}]}}
+labeller: {{backend: teacher, copies_per_structure: 1}}
+training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
+convergence: {{max_iterations: 2, dh_dn_threshold: 0.0}}
+"""
+    )
+    run_dir = tmp_path / "run"
+    final = explore(spec, run_dir)
+    assert [d.iteration for d in final.history] == [1, 2]
+    run_id, spec_obj = load_run(run_dir)
+    store = build_job_store(spec_obj.store, run_dir)
+    store.connect()
+    tuned = {
+        d["metadata"]["iteration"]: d["output"]["checkpoint"]
+        for d in store.query({"metadata.run_id": run_id, "metadata.stage": "finetune_generator"})
+    }
+    assert set(tuned) == {1, 2}
+    assert Path(tuned[1]).exists() and tuned[1] != tuned[2]
+    gen2 = store.query_one({"metadata.run_id": run_id, "metadata.stage": "generate", "metadata.iteration": 2}, load=True)
+    store.close()
+    for cand in gen2["output"]["candidates"]:
+        prov = cand["provenance"]
+        assert prov["generator"] == "mattergen" and prov["iteration"] == 2
+        assert prov["condition"]["e_hull"] == 0.0
+    # Iteration 2 sampled from iteration 1's fine-tuned checkpoint.
+    assert final.generator_checkpoint == tuned[2]

@@ -111,6 +111,9 @@ def _register_optional_commands():
     except ImportError:  # pragma: no cover - the analysis package is part of cscflow
         return
     main.add_command(motifs_command, name="motifs")
+    from cscflow.chggen.cli import chggen_command
+
+    main.add_command(chggen_command, name="chggen")
     from cscflow.analysis.report import report_command
 
     main.add_command(report_command, name="report")

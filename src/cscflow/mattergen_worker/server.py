@@ -78,6 +78,9 @@ def main() -> int:
                     "seed", "full_finetuning")
             samplers.clear()
             return core.finetune(**{k: req[k] for k in keys if k in req})
+        if cmd in ("inpaint", "sample_in_cells"):  # CHGGen RePaint (repaint.py)
+            from .repaint import handle as repaint_handle
+            return repaint_handle(sampler(req), req)
         raise ValueError(f"unknown command {cmd!r}")
 
     for line in sys.stdin:

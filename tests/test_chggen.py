@@ -310,3 +310,48 @@ def test_sample_in_cells_keeps_cell_and_species(tiny_lisi):
         i = int(info["input_index"])
         assert np.array_equal(s.lattice.matrix, cells[i].matrix)
         assert sorted(sp.symbol for sp in s.species) == sorted(species[i])
+
+
+def test_tiny_model_training_set_comes_from_prototypes_without_data_files():
+    from cscflow.chggen.tiny import prototype_training_set
+
+    structures = prototype_training_set(["Li", "Si"], max_atoms=16)
+    assert structures and all(s.num_sites <= 16 for s in structures)
+    assert {el.symbol for s in structures for el in s.composition} == {"Li", "Si"}
+    assert len({s.num_sites for s in structures}) > 2  # supercells give several cell sizes
+
+
+@needs_mattergen
+def test_chggen_flow_end_to_end_accounts_for_every_structure(tiny_lisi, tmp_path):
+    """`cscflow chggen`: every requested structure is generated, failed, relaxed or rejected; report on disk."""
+    import json
+
+    import yaml
+
+    from cscflow.chggen.cli import format_report, run_chggen
+
+    spec = {
+        "name": "lisi_e2e", "chemical_system": {"elements": ["Li", "Si"], "min_atoms": 2, "max_atoms": 8},
+        "use_prototypes": True, "seeds": [], "seed": 3,
+        "generator": {"backend": "chggen", "checkpoint": str(tiny_lisi["checkpoint"]), "batch_size": 8,
+                      "device": "cpu", "diffusion_steps": 20},
+        "forcefield": {"backend": "chgnet", "chgnet_version": "0.3.0"},
+        "relax": {"fmax": 0.2, "steps": 20},
+        "chggen": {"compositions": ["Li4Si2", "Li3Si1"], "n_per_composition": 2, "resample_steps": 2,
+                   "max_reference_atoms": 8},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    report = run_chggen(path, tmp_path / "run")
+    uncond, inp = report.funnel["unconditional"], report.funnel["inpainting"]
+    assert uncond["requested"] == 4
+    for f in (uncond, inp):
+        assert f["requested"] == f["generated"] + sum(f["generation_failures"].values())
+        assert f["generated"] == f["relaxed"] + sum(f["rejected"].values())
+    assert report.success_unconditional["n"] == uncond["relaxed"]
+    assert report.success_inpainting["n"] == inp["relaxed"]
+    assert inp["requested"] == round(report.framework_success * uncond["relaxed"])  # one inpainting per framework
+    assert set(report.wall_seconds) >= {"unconditional", "inpaint", "relax_inpainting", "report"}
+    on_disk = json.loads((tmp_path / "run" / "chggen_report.json").read_text())
+    assert on_disk["funnel"] == json.loads(report.model_dump_json())["funnel"]
+    assert "requested 4" in format_report(report)

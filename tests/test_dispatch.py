@@ -334,6 +334,7 @@ def test_two_iterations_on_gpu_and_cpu_workers_then_webgui(tmp_path, tiny_spec):
         assert scored["output"]["candidates"] and all("e_hull" in c for c in scored["output"]["candidates"])
         train = store.query_one({"metadata.run_id": run_id, "metadata.stage": "train", "metadata.iteration": 2}, load=True)
         assert Path(train["output"]["model_path"]).is_file()
+        _run_documented_queries(store, run_id)
     finally:
         store.close()
     assert "finished: max_iterations" in format_status(run_dir)
@@ -366,3 +367,48 @@ def test_two_iterations_on_gpu_and_cpu_workers_then_webgui(tmp_path, tiny_spec):
         gui.terminate()
         gui.wait(timeout=30)
     assert gui.returncode is not None
+
+
+def test_literal_store_credentials_are_refused_but_variables_pass(tmp_path):
+    from cscflow.config import load_spec
+    from cscflow.dispatch import DispatchError, _check_no_credentials
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(TINY + "store: {uri: 'mongodb://alice:pw@db.example.org/cscflow'}\n")
+    with pytest.raises(DispatchError, match="contains credentials"):
+        _check_no_credentials(load_spec(spec_file))
+    spec_file.write_text(TINY + "store: {uri: 'mongodb://${U}:${P}@db.example.org/cscflow?authSource=admin'}\n")
+    _check_no_credentials(load_spec(spec_file))
+
+
+def _run_documented_queries(store, run_id):
+    """The ready-to-paste queries of docs/cluster.md, run on this finished exploration.
+
+    pymongo blocks get a mongomock collection holding the same job documents.
+    """
+    import contextlib
+    import io
+    import re
+
+    import mongomock
+
+    text = (REPO / "docs" / "cluster.md").read_text()
+    section = text.split("<!-- queries:begin -->", 1)[1].split("<!-- queries:end -->", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 4
+    docs = mongomock.MongoClient()["cscflow"]["outputs"]
+    docs.insert_many([{k: v for k, v in d.items() if k != "_id"} for d in store.docs_store.query({})])
+    namespace = {"store": store, "docs": docs, "run_id": run_id}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(compile(block, "docs/cluster.md", "exec"), namespace)
+    out = printed.getvalue()
+    assert namespace["doc"]["metadata"]["iteration"] == 2
+    assert all(c["e_hull"] < 0.03 and c["is_stable"] for c in namespace["sun"])
+    assert namespace["training_set"] and len(namespace["training_set"]) == len(namespace["train_ids"])
+    assert sorted(namespace["history"]) == [1, 2]
+    assert "finished: max_iterations" in out
+    assert "DFT frames from" in out
+    assert namespace["latest"]["provenance"]["candidate_id"] == namespace["cid"]
+    assert namespace["latest"]["provenance"]["iteration"] == 2

@@ -201,3 +201,40 @@ def test_parity_statistics(tmp_path):
     assert path.stat().st_size > 5000
     assert stats["energy_rmse"] == pytest.approx(0.01)
     assert stats["force_rmse"] == pytest.approx(np.sqrt(np.mean((0.1 * f) ** 2)))
+
+
+def test_downstream_screens_on_a_finished_run_reach_the_report(finished_run, tmp_path):
+    """`cscflow downstream`: QHA hulls and MD screening with the run's force field, stored and reported."""
+    from cscflow.downstream.on_run import run_downstream
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("report"))
+    kwargs = dict(
+        quick=True, max_structures=1,
+        qha_overrides={"relax_steps": 100, "conditions": [(300.0, 0.0)], "pressures": [0.0, 1.0]},
+        # Li-S has no P: drop the x_P filter and the E_hull gate so one candidate is simulated.
+        conductivity_overrides={"min_fraction": {"Li": 0.15}, "e_hull_max": None, "nvt_ps": 0.2, "analysis_ps": 0.1},
+    )
+    out = run_downstream(run, **kwargs)
+    qha, md = out["qha"], out["conductivity"]
+    by_formula = {r.formula: r for r in qha.results}
+    assert by_formula["Li"].status == "done" and by_formula["Li2S"].status == "done"
+    assert by_formula["Li2S"].supercell is not None
+    assert list(qha.hulls) == ["T=300K,p=0GPa"]
+    assert md.n_input == 1 and md.n_simulated + sum(r.status == "failed" for r in md.results) == md.n_passed_filters
+
+    run_id, spec = load_run(run)
+    store = build_job_store(spec.store, run)
+    store.connect()
+    n_docs = store.docs_store.count({"metadata.run_id": run_id, "metadata.stage": {"$in": ["qha", "conductivity"]}})
+    store.close()
+    assert n_docs == 2
+    again = run_downstream(run, **kwargs)  # reused from the store, not recomputed
+    assert again["qha"].seconds == qha.seconds
+    store.connect()
+    assert store.docs_store.count({"metadata.run_id": run_id, "metadata.stage": {"$in": ["qha", "conductivity"]}}) == 2
+    store.close()
+
+    result = write_report(run)
+    assert "downstream" not in result.missing
+    assert any(f.startswith("qha/") for f in result.figures), result.figures

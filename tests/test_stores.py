@@ -61,3 +61,17 @@ def test_unreachable_mongodb_fails_fast_and_hides_password():
 def test_redact_uri():
     assert redact_uri("mongodb+srv://u:p@host/db") == "mongodb+srv://***@host/db"
     assert redact_uri("mongodb://host:27017") == "mongodb://host:27017"
+
+
+def test_store_uri_credentials_come_from_the_environment(monkeypatch):
+    """`${VAR}` in store.uri is filled at connection time: the spec (and stored documents) keep the placeholder."""
+    settings = StoreSettings(uri="mongodb://${CSCFLOW_T_USER}:${CSCFLOW_T_PW}@127.0.0.1:1/cscflow", timeout_ms=500)
+    monkeypatch.delenv("CSCFLOW_T_USER", raising=False)
+    with pytest.raises(StoreError, match="CSCFLOW_T_USER is not set"):
+        build_job_store(settings)
+    monkeypatch.setenv("CSCFLOW_T_USER", "bob")
+    monkeypatch.setenv("CSCFLOW_T_PW", "hunter2")
+    with pytest.raises(StoreError) as err:  # expanded, then unreachable
+        build_job_store(settings)
+    assert "127.0.0.1:1" in str(err.value) and "hunter2" not in str(err.value)
+    assert "${CSCFLOW_T_PW}" in settings.uri

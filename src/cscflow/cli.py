@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -46,12 +47,28 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _is_chggen_spec(path) -> bool:
+    """A spec with a top-level ``chggen:`` block belongs to `cscflow chggen`."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # load_spec reports the file or YAML error
+    return isinstance(raw, dict) and "chggen" in raw
+
+
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @_user_errors
 def validate(spec):
-    """Validate SPEC.yaml and print the resolved spec (all defaults filled in)."""
-    resolved = load_spec(spec)
+    """Validate SPEC.yaml (exploration or CHGGen) and print the resolved spec, defaults filled in."""
+    if _is_chggen_spec(spec):
+        from cscflow.chggen.settings import load_chggen_spec
+
+        resolved = load_chggen_spec(spec)
+    else:
+        resolved = load_spec(spec)
     click.echo(resolved.to_yaml(), nl=False)
 
 
@@ -64,6 +81,8 @@ def explore(spec, run_dir):
     """Run an exploration locally (jobflow run_locally, embedded store by default)."""
     from cscflow.runner import explore as run_explore, format_status
 
+    if _is_chggen_spec(spec):
+        raise click.UsageError(f"{spec} is a CHGGen spec (it has a chggen: block): run `cscflow chggen {spec}`")
     _configure_logging()
     resolved = load_spec(spec)
     run_dir = run_dir or os.path.join("runs", resolved.name)
@@ -102,6 +121,33 @@ def _configure_logging():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     for noisy in ("matplotlib", "numba", "urllib3", "h5py", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--only", type=click.Choice(["qha", "conductivity"]), default=None, help="Run one screen only.")
+@click.option("--quick", is_flag=True, help="Laptop sizes (3 volumes, 6 Å cells, 0.5 ps MD): every table and figure in minutes.")
+@click.option("--model", type=click.Choice(["forcefield", "trained"]), default="forcefield", show_default=True,
+              help="The spec's force field, or the run's last trained DPA-3 model.")
+@click.option("--max-structures", type=int, default=None, help="Screen only the N lowest-E_hull candidates.")
+@_user_errors
+def downstream(run_dir, only, quick, model, max_structures):
+    """QHA P-T phase diagrams and Li-conductivity MD screening of a finished run (then: cscflow report)."""
+    from cscflow.downstream.on_run import run_downstream
+
+    _configure_logging()
+    outputs = run_downstream(run_dir, only=only, quick=quick, model=model, max_structures=max_structures)
+    qha, md = outputs.get("qha"), outputs.get("conductivity")
+    if qha is not None:
+        done = sum(r.status == "done" for r in qha.results)
+        click.echo(f"qha: {done}/{len(qha.results)} structures with G(T, p); {len(qha.hulls)} Gibbs hulls; {qha.seconds:.0f} s")
+        soft = [r.id for r in qha.results if any(f < -0.1 for f in r.min_frequencies)]
+        if soft and qha.settings.get("ignore_imaginary"):
+            click.echo(f"qha: imaginary modes kept (--quick) in {len(soft)} structures: {', '.join(soft[:5])}")
+    if md is not None:
+        click.echo(f"conductivity: {md.n_passed_filters}/{md.n_input} passed the filters, {md.n_simulated} simulated, "
+                   f"{md.n_kinetically_stable} kinetically stable, {md.n_conductors} conductors; {md.seconds:.0f} s")
+    click.echo(f"tables and figures: cscflow report {run_dir}")
 
 
 def _register_optional_commands():

@@ -339,6 +339,9 @@ class ExplorationSpec(_Settings):
     seeds: list[Path] = Field(default_factory=list, description="iteration-0 structure files")
     seed_errors: Literal["skip", "raise"] = "skip"
     use_prototypes: bool = True
+    prototype_max_atoms: int | None = Field(
+        None, ge=1, description="skip larger prototypes (e.g. the 32-atom alpha-S8 cell in cheap DFT demos)"
+    )
     materials_project: bool = False
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
     forcefield: ForceFieldSettings = Field(default_factory=ForceFieldSettings)

@@ -279,12 +279,14 @@ def _write_env_file(run_dir: Path, env: dict[str, str]) -> Path:
 
 
 def _check_no_credentials(spec: ExplorationSpec) -> None:
+    """Literal user:password in store.uri would be copied into every stored job document."""
     uri = spec.store.uri or ""
-    if "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+    userinfo = uri.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]
+    if userinfo and not all(re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}", part) for part in userinfo.split(":")):
         raise DispatchError(
             "store.uri contains credentials, which would be copied into every stored job document; "
-            "drop the user:password part and give workers the store in their jobflow config "
-            "(fworker_configs/jobflow_mongo.yaml)"
+            "write them as environment variables (mongodb://${CSCFLOW_MONGO_USER}:${CSCFLOW_MONGO_PASSWORD}@host/...) "
+            "and give workers the store in their jobflow config (fworker_configs/jobflow_mongo.yaml)"
         )
 
 

@@ -46,7 +46,8 @@ def initial_candidates(spec: ExplorationSpec) -> list[Candidate]:
         from cscflow.prototypes import prototype_structures
 
         for label, structure in prototype_structures(elements):
-            add(structure, "prototype", label, None)
+            if spec.prototype_max_atoms is None or structure.num_sites <= spec.prototype_max_atoms:
+                add(structure, "prototype", label, None)
     seeds, problems = load_seed_files(spec.seeds, elements, on_error=spec.seed_errors)
     for problem in problems:
         logger.warning(problem)

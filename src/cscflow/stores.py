@@ -8,13 +8,15 @@ uuid (dynamic flows re-use uuids with a new index) and loses outputs.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from jobflow import JobStore
 
 from cscflow.config import StoreSettings
 
-__all__ = ["StoreError", "build_job_store", "redact_uri"]
+__all__ = ["StoreError", "build_job_store", "expand_env", "redact_uri"]
 
 
 class StoreError(RuntimeError):
@@ -27,6 +29,21 @@ def redact_uri(uri: str) -> str:
         return uri
     scheme, rest = uri.split("://", 1)
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(text: str, source: str = "store.uri") -> str:
+    """Fill ``${VAR}`` from the environment, so credentials stay out of specs and stored documents."""
+
+    def repl(match):
+        name = match.group(1)
+        if name not in os.environ:
+            raise StoreError(f"{source}: environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_VAR.sub(repl, text)
 
 
 def build_job_store(settings: StoreSettings, run_dir: str | Path | None = None) -> JobStore:
@@ -54,7 +71,7 @@ def _mongo_store(settings: StoreSettings) -> JobStore:
     from maggma.stores import MongoURIStore
     from maggma.stores.gridfs import GridFSURIStore
 
-    uri = settings.uri
+    uri = expand_env(settings.uri)
     try:
         client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=settings.timeout_ms)
         client.admin.command("ping")

@@ -568,7 +568,7 @@ def _downstream_section(data: RunData, out: Path) -> Section:
     sec = Section("downstream", "Downstream: QHA free energies and Li conductivity")
     found = False
     for stage in DOWNSTREAM_STAGES:
-        keys = sorted((k for k, s in data.outputs if s == stage), key=lambda key: data.completed[key])
+        keys = sorted((key for key in data.outputs if key[1] == stage), key=lambda key: data.completed[key])
         if not keys:
             continue
         found = True

@@ -53,6 +53,10 @@ def format_report(report) -> str:
         f"  inpainting:    {_rate(report.success_inpainting)}",
         f"frameworks symmetrized: {report.framework_success}",
     ]
+    for m, f in report.funnel.items():
+        lines.append(f"  {m}: requested {f['requested']}, generated {f['generated']} "
+                     f"(failed: {f['generation_failures'] or 'none'}), relaxed {f['relaxed']} "
+                     f"(rejected: {f['rejected'] or 'none'})")
     for m in ("unconditional", "inpainting"):
         de, rm, ed = report.delta_e.get(m, {}), report.rmsd.get(m, {}), report.e_d.get(m, {})
         lines.append(f"  {m}: median ΔE {de.get('median', float('nan')):.3f} eV/atom, median RMSD "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +93,7 @@ class ChgGenReport(_Out):
     rdf_difference: dict = Field(default_factory=dict, description="mode -> pair -> mean |g_gen - g_ref|")
     coordination: dict = Field(default_factory=dict, description="set -> element -> CN stats")
     coordination_method: str = "crystalnn"
+    funnel: dict = Field(default_factory=dict, description="mode -> requested, generated, failures, relaxed, rejected")
     wall_seconds: dict[str, float] = Field(default_factory=dict)
 
 
@@ -306,8 +308,10 @@ class ChgGenReportMaker(Maker):
     def make(self, generated_unconditional: list[Candidate], relaxed_unconditional: list[Candidate],
              n_frameworks: int, n_frameworks_symmetrized: int, generated_inpaint: list[Candidate],
              relaxed_inpaint: list[Candidate], decomposition_energy: dict[str, float], to_dft: list[str],
-             references: list[ReferenceEntry], wall_seconds: dict[str, float]) -> ChgGenReport:
+             references: list[ReferenceEntry], wall_seconds: dict[str, float],
+             generation: dict | None = None) -> ChgGenReport:
         from cscflow.chggen import metrics
+        from cscflow.evaluate import reason_key
         from cscflow.forcefields import get_calculator
 
         s = self.settings
@@ -329,9 +333,17 @@ class ChgGenReportMaker(Maker):
                                                                    s.rdf_bins)[1], rdf_ref) for m in rel}
         coord = {"reference": metrics.coordination_statistics(ref_structures, s.coordination)}
         coord.update({m: metrics.coordination_statistics([c.structure for c in rel[m]], s.coordination) for m in rel})
+        relaxed_all = {"unconditional": relaxed_unconditional, "inpainting": relaxed_inpaint}
+        funnel = {}
+        for m in rel:  # where every requested structure went: nothing disappears silently
+            g = (generation or {}).get(m, {})
+            rejected = dict(Counter(reason_key(c.reject_reason) for c in relaxed_all[m] if c.status != "relaxed"))
+            funnel[m] = {"requested": g.get("requested", len(gen[m])), "generation_failures": g.get("failures", {}),
+                         "generated": len(gen[m]), "relaxed": len(rel[m]), "rejected": rejected}
         walls = dict(wall_seconds)
         walls["report"] = time.perf_counter() - t0
         return ChgGenReport(
+            funnel=funnel,
             success_unconditional=succ["unconditional"], success_inpainting=succ["inpainting"],
             framework_success=(n_frameworks_symmetrized / n_frameworks) if n_frameworks else None,
             delta_e=delta_e, rmsd=rmsd, e_d=e_d, n_to_dft=len(to_dft), rdf_difference=rdf_diff,
@@ -385,6 +397,8 @@ def chggen_flow(spec: ChgGenSpec) -> Flow:
     report = ChgGenReportMaker(settings=s, forcefield=spec.forcefield).make(
         uncond.output.candidates, relax_u.output.candidates, sym.output.n_input, sym.output.n_success,
         inp.output.candidates, relax_i.output.candidates, rank.output.decomposition_energy, rank.output.to_dft,
-        refs.output.references, walls)
+        refs.output.references, walls,
+        {"unconditional": {"requested": uncond.output.n_requested, "failures": uncond.output.failures},
+         "inpainting": {"requested": inp.output.n_requested, "failures": inp.output.failures}})
     jobs = [ref_relax, refs, lattices, uncond, relax_u, sym, inp, relax_i, both, rank, report]
     return Flow(jobs, output=report.output, name=f"chggen-{spec.name}")

@@ -355,3 +355,22 @@ def test_chggen_flow_end_to_end_accounts_for_every_structure(tiny_lisi, tmp_path
     on_disk = json.loads((tmp_path / "run" / "chggen_report.json").read_text())
     assert on_disk["funnel"] == json.loads(report.model_dump_json())["funnel"]
     assert "requested 4" in format_report(report)
+    # every relaxed structure is listed once, ranked by E_d, with its space group
+    assert len(report.structures) == uncond["relaxed"] + inp["relaxed"]
+    e_d = [r["e_d"] for r in report.structures if r["e_d"] is not None]
+    assert e_d == sorted(e_d)
+    assert sum(r["space_group"] >= 3 for r in report.structures if r["mode"] == "unconditional") == \
+        report.success_unconditional["n_symmetric"]
+    assert "Li-Li" in report.rdf["reference"] and len(report.rdf["r"]) == 60
+
+    # `cscflow report` on a CHGGen run draws its figures from the store
+    from click.testing import CliRunner
+
+    from cscflow.cli import main
+
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "symmetry success rate by atom count" in page and report.structures[0]["id"] in page
+    for name in ("chggen_success.png", "chggen_distributions.png", "chggen_rdf.png", "chggen_cn.png"):
+        assert (tmp_path / "run" / "report" / "figures" / name).stat().st_size > 1000

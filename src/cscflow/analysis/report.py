@@ -630,14 +630,15 @@ nav a{margin-right:0.8em;font-size:0.9em}
 """
 
 
-def _render(data: RunData, sections: list[Section], seconds: float) -> str:
+def render_page(title: str, run_dir: Path, sections: list[Section], seconds: float) -> str:
+    """The report page: navigation, a 'what is missing' list, then each section."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>cscflow report: {html.escape(data.spec.name)} ({html.escape(data.run_id)})</title>",
+        f"<title>cscflow report: {html.escape(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>cscflow report: {html.escape(data.spec.name)}</h1>",
-        f"<p>Run directory <code>{html.escape(str(data.run_dir))}</code>; written "
+        f"<h1>cscflow report: {html.escape(title.split(' (')[0])}</h1>",
+        f"<p>Run directory <code>{html.escape(str(run_dir))}</code>; written "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds:.1f} s.</p>",
         "<nav>" + "".join(f'<a href="#{s.key}">{html.escape(s.title.split(" (")[0])}</a>' for s in sections) + "</nav>",
     ]
@@ -693,7 +694,8 @@ def write_report(
     ]
     seconds = time.perf_counter() - start
     index = out / "index.html"
-    index.write_text(_render(data, sections, seconds), encoding="utf-8")
+    index.write_text(render_page(f"{data.spec.name} ({data.run_id})", data.run_dir, sections, seconds),
+                     encoding="utf-8")
     return ReportOutput(
         index_html=str(index),
         figures=[src for s in sections for src, _ in s.figures],
@@ -731,17 +733,25 @@ class ReportMaker(Maker):
 @click.option("--anion-map", is_flag=True, help="Also map the Li-removed anion frameworks.")
 @click.option("--seed", default=0, show_default=True, help="t-SNE seed.")
 def report_command(run_dir, out_dir, top, no_parity, no_tsne, anion_map, seed):
-    """Write RUN_DIR/report/index.html with every figure of the run (works on a run in progress)."""
+    """Write RUN_DIR/report/index.html with every figure of the run (works on a run in progress).
+
+    A `cscflow chggen` run directory gets the CHGGen figures instead (success rates, ΔE/RMSD/E_d,
+    RDFs and coordination numbers)."""
     import os
 
     from cscflow.config import SpecError
     from cscflow.runner import RunError
     from cscflow.stores import StoreError
 
+    from cscflow.chggen.report import is_chggen_run, write_chggen_report
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        result = write_report(run_dir, out_dir, top=top, parity=not no_parity, tsne=not no_tsne,
-                              anion_map=anion_map, seed=seed)
+        if is_chggen_run(run_dir):
+            result = write_chggen_report(run_dir, out_dir)
+        else:
+            result = write_report(run_dir, out_dir, top=top, parity=not no_parity, tsne=not no_tsne,
+                                  anion_map=anion_map, seed=seed)
     except (RunError, SpecError, StoreError, ValueError) as exc:
         if os.environ.get("CSCFLOW_DEBUG"):
             raise

@@ -94,6 +94,8 @@ class ChgGenReport(_Out):
     coordination: dict = Field(default_factory=dict, description="set -> element -> CN stats")
     coordination_method: str = "crystalnn"
     funnel: dict = Field(default_factory=dict, description="mode -> requested, generated, failures, relaxed, rejected")
+    structures: list[dict] = Field(default_factory=list, description="per relaxed structure, sorted by E_d")
+    rdf: dict = Field(default_factory=dict, description="'r' bins and set -> pair -> mean partial RDF")
     wall_seconds: dict[str, float] = Field(default_factory=dict)
 
 
@@ -282,18 +284,18 @@ class RankMaker(Maker):
         )
 
 
-def _changes(generated: list[Candidate], relaxed: list[Candidate], calculator) -> tuple[list[float], list[float]]:
+def _changes(generated: list[Candidate], relaxed: list[Candidate], calculator) -> dict[str, tuple[float, float]]:
+    """id -> (ΔE generated minus relaxed in eV/atom, RMSD in Å), same force field for both."""
     from cscflow.chggen.metrics import displacement_rmsd
     from cscflow.forcefields import single_points
 
     by_id = {c.id: c for c in relaxed if c.status == "relaxed" and c.energy_per_atom is not None}
     pairs = [(g, by_id[g.id]) for g in generated if g.id in by_id]
     if not pairs:
-        return [], []
+        return {}
     sp = single_points([g.structure for g, _ in pairs], calculator)
-    de = [r["energy"] / len(g.structure) - rel.energy_per_atom for (g, rel), r in zip(pairs, sp)]
-    rmsd = [displacement_rmsd(g.structure, rel.structure)[0] for g, rel in pairs]
-    return de, rmsd
+    return {g.id: (r["energy"] / len(g.structure) - rel.energy_per_atom, displacement_rmsd(g.structure, rel.structure)[0])
+            for (g, rel), r in zip(pairs, sp)}
 
 
 @dataclass
@@ -322,15 +324,27 @@ class ChgGenReportMaker(Maker):
         gen = {"unconditional": generated_unconditional, "inpainting": generated_inpaint}
         succ = {m: metrics.symmetry_success_rate([c.structure for c in rel[m]], s.success_symprec,
                                                  s.success_min_space_group) for m in rel}
-        delta_e, rmsd, e_d = {}, {}, {}
+        delta_e, rmsd, e_d, rows = {}, {}, {}, []
+        to_dft_ids = set(to_dft)
         for m in rel:
-            de, rm = _changes(gen[m], rel[m], calc)
-            delta_e[m], rmsd[m] = metrics.summary(de), metrics.summary(rm)
+            changes = _changes(gen[m], rel[m], calc)
+            delta_e[m] = metrics.summary([v[0] for v in changes.values()])
+            rmsd[m] = metrics.summary([v[1] for v in changes.values()])
             e_d[m] = metrics.summary([decomposition_energy[c.id] for c in rel[m] if c.id in decomposition_energy])
+            for c, sg in zip(rel[m], succ[m]["space_groups"]):
+                de, rm = changes.get(c.id, (None, None))
+                rows.append({"id": c.id, "mode": m, "formula": c.structure.composition.reduced_formula,
+                             "n_atoms": len(c.structure), "space_group": int(sg), "delta_e": de, "rmsd": rm,
+                             "e_d": decomposition_energy.get(c.id), "to_dft": c.id in to_dft_ids,
+                             "parent": c.provenance.parent})
+        rows.sort(key=lambda r: (r["e_d"] is None, r["e_d"] if r["e_d"] is not None else 0.0))
         ref_structures = [r.structure for r in references]
-        _, rdf_ref = metrics.partial_rdfs(ref_structures, s.rdf_rmax, s.rdf_bins)
-        rdf_diff = {m: metrics.rdf_difference(metrics.partial_rdfs([c.structure for c in rel[m]], s.rdf_rmax,
-                                                                   s.rdf_bins)[1], rdf_ref) for m in rel}
+        r_bins, rdf_ref = metrics.partial_rdfs(ref_structures, s.rdf_rmax, s.rdf_bins)
+        rdf_gen = {m: metrics.partial_rdfs([c.structure for c in rel[m]], s.rdf_rmax, s.rdf_bins)[1] for m in rel}
+        rdf_diff = {m: metrics.rdf_difference(rdf_gen[m], rdf_ref) for m in rel}
+        rdf_curves = {"r": [float(x) for x in r_bins],
+                      **{k: {pair: [float(x) for x in g] for pair, g in v.items()}
+                         for k, v in {"reference": rdf_ref, **rdf_gen}.items()}}
         coord = {"reference": metrics.coordination_statistics(ref_structures, s.coordination)}
         coord.update({m: metrics.coordination_statistics([c.structure for c in rel[m]], s.coordination) for m in rel})
         relaxed_all = {"unconditional": relaxed_unconditional, "inpainting": relaxed_inpaint}
@@ -343,7 +357,7 @@ class ChgGenReportMaker(Maker):
         walls = dict(wall_seconds)
         walls["report"] = time.perf_counter() - t0
         return ChgGenReport(
-            funnel=funnel,
+            funnel=funnel, structures=rows, rdf=rdf_curves,
             success_unconditional=succ["unconditional"], success_inpainting=succ["inpainting"],
             framework_success=(n_frameworks_symmetrized / n_frameworks) if n_frameworks else None,
             delta_e=delta_e, rmsd=rmsd, e_d=e_d, n_to_dft=len(to_dft), rdf_difference=rdf_diff,

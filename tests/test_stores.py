@@ -42,6 +42,19 @@ def test_embedded_store_persists_dynamic_outputs(tmp_path):
     assert (tmp_path / "store").is_dir()
 
 
+def test_relative_run_dir_survives_run_locally_job_folders(tmp_path, monkeypatch):
+    """run_locally chdirs into job folders: a relative run dir must still mean the same store."""
+    monkeypatch.chdir(tmp_path)
+    store = build_job_store(StoreSettings(), "runs/demo")
+    first = make_values(3)
+    run_locally(first, store=store, root_dir=tmp_path / "runs" / "demo" / "jobs", create_folders=True,
+                ensure_success=True, log=False)
+    assert not list((tmp_path / "runs" / "demo" / "jobs").rglob("store"))  # no stray store in a job folder
+    reopened = build_job_store(StoreSettings(), tmp_path / "runs" / "demo")
+    reopened.connect()
+    assert reopened.get_output(first.uuid, load=True)["values"] == [0, 1, 2]
+
+
 def test_embedded_store_needs_run_dir():
     with pytest.raises(ValueError, match="run directory"):
         build_job_store(StoreSettings())

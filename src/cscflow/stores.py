@@ -52,7 +52,9 @@ def build_job_store(settings: StoreSettings, run_dir: str | Path | None = None) 
         return _mongo_store(settings)
     if run_dir is None:
         raise ValueError("the embedded store needs a run directory")
-    return _embedded_store(settings, Path(run_dir))
+    # Absolute: run_locally chdirs into job folders before jobs connect, and a relative path
+    # would silently open a fresh, empty store there.
+    return _embedded_store(settings, Path(run_dir).resolve())
 
 
 def _embedded_store(settings: StoreSettings, run_dir: Path) -> JobStore:

@@ -145,7 +145,8 @@ def downstream(run_dir, only, quick, model, max_structures):
         click.echo(f"qha: {done}/{len(qha.results)} structures with G(T, p); {len(qha.hulls)} Gibbs hulls; {qha.seconds:.0f} s")
         soft = [r.id for r in qha.results if any(f < -0.1 for f in r.min_frequencies)]
         if soft and qha.settings.get("ignore_imaginary"):
-            click.echo(f"qha: imaginary modes kept (--quick) in {len(soft)} structures: {', '.join(soft[:5])}")
+            click.echo(f"qha: imaginary modes kept (--quick) in {len(soft)} structures: {', '.join(soft[:5])}"
+                       + (f" and {len(soft) - 5} more" if len(soft) > 5 else ""))
     if md is not None:
         click.echo(f"conductivity: {md.n_passed_filters}/{md.n_input} passed the filters, {md.n_simulated} simulated, "
                    f"{md.n_kinetically_stable} kinetically stable, {md.n_conductors} conductors; {md.seconds:.0f} s")

@@ -7,7 +7,7 @@ spec never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -322,13 +322,40 @@ def _default_categories() -> dict[str, str | None]:
     return {**{s: "gpu" for s in gpu}, **{s: "cpu" for s in cpu}}
 
 
+class RemoteWorkerSettings(_Settings):
+    """The jobflow-remote worker (and its run settings) that takes one category's jobs."""
+
+    worker: str = Field(..., min_length=1, description="worker name in the jobflow-remote project")
+    exec_config: str | None = Field(None, description="named exec_config of the project (modules, env)")
+    resources: dict[str, Any] | None = Field(None, description="qtoolkit resources, e.g. {gpus_per_job: 1}")
+
+
 class DispatchSettings(_Settings):
-    """FireWorks `_category` of each stage: GPU work to GPU workers, DFT to CPU workers."""
+    """Where each stage runs: FireWorks `_category` (GPU work to GPU workers, DFT to CPU
+    workers) and, for jobflow-remote, the worker that takes each category."""
 
     categories: dict[str, str | None] = Field(default_factory=_default_categories)
+    remote_workers: dict[str, RemoteWorkerSettings] = Field(
+        default_factory=dict, description="category -> jobflow-remote worker; empty: FireWorks only"
+    )
 
     def category(self, stage: str) -> str | None:
-        return self.categories.get(stage)
+        category = self.categories.get(stage)
+        if category is None and stage == "link":  # link jobs run where the trigger runs
+            category = self.categories.get("trigger")
+        return category
+
+    def manager_config(self, stage: str) -> dict[str, Any]:
+        """The job's manager_config: `_category` for FireWorks, worker/exec_config/resources
+        for jobflow-remote (set only when `remote_workers` names the category)."""
+        category = self.category(stage)
+        if category is None:
+            return {}
+        config: dict[str, Any] = {"_category": category}
+        remote = self.remote_workers.get(category)
+        if remote is not None:
+            config.update(remote.model_dump(exclude_none=True))
+        return config
 
 
 class ExplorationSpec(_Settings):

@@ -388,10 +388,24 @@ def _user_errors(func):
 @click.option("--local", is_flag=True, help="Laptop mode: mongomock LaunchPad file in the run dir, one worker.")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<spec name>); holds run.json and the embedded store.")
+@click.option("--jobflow-remote", "remote_project", default=None, metavar="PROJECT",
+              help="Submit to this jobflow-remote project instead of FireWorks (workers from dispatch.remote_workers).")
 @_user_errors
-def submit_command(spec, launchpad, local, run_dir):
+def submit_command(spec, launchpad, local, run_dir, remote_project):
     """Submit SPEC.yaml as a FireWorks workflow; run it with rlaunch/qlaunch workers."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if remote_project is not None:
+        if local or launchpad:
+            raise DispatchError("--jobflow-remote excludes --local and --launchpad")
+        from cscflow.remote import submit_remote
+
+        rsub = submit_remote(spec, remote_project, run_dir=run_dir)
+        workers = ", ".join(f"{k}: {v}" for k, v in sorted(rsub.workers.items()))
+        click.echo(f"submitted run {rsub.run_id}: {len(rsub.job_ids)} jobs ({workers}) to jobflow-remote project "
+                   f"{remote_project}")
+        click.echo(f"run directory: {rsub.run_dir}")
+        click.echo(f"run it:  jf -p {remote_project} runner start ; watch: jf -p {remote_project} job list")
+        return
     sub = submit(spec, run_dir=run_dir, launchpad=launchpad, local=local)
     cats = ", ".join(f"{k}: {v}" for k, v in sorted(sub.categories.items()))
     click.echo(f"submitted run {sub.run_id}: {len(sub.fw_ids)} Fireworks ({cats}) to {sub.launchpad}")

@@ -29,10 +29,16 @@ def tag_stage(job_: Job, spec: ExplorationSpec, run_id: str, iteration: int, sta
         {KEY: stage_key(run_id, iteration, stage), "run_id": run_id, "iteration": iteration, "stage": stage}
     )
     job_.config.expose_store = True
-    category = spec.dispatch.category(stage)
-    if category:
-        job_.update_config({"manager_config": {"_category": category}}, dynamic=False)
+    _route(job_, spec, stage)
     return job_
+
+
+def _route(job_: Job, spec: ExplorationSpec, stage: str) -> None:
+    """Where the job runs: FireWorks `_category` and jobflow-remote worker, set on this job only
+    (dynamic=False), so that stages created later by a trigger get their own, not a parent's."""
+    config = spec.dispatch.manager_config(stage)
+    if config:
+        job_.update_config({"manager_config": config}, dynamic=False)
 
 
 def _ref(uuid: str, attribute: str) -> OutputReference:
@@ -62,9 +68,7 @@ def _linked(spec: ExplorationSpec, run_id: str, k: int, uuids: list[str], attrib
     link = link_outputs(list(uuids), attribute)
     link.name = f"link {attribute} it{k}"
     link.metadata.update({"run_id": run_id, "iteration": k, "stage": "link"})
-    category = spec.dispatch.category("link") or spec.dispatch.category("trigger")
-    if category:
-        link.update_config({"manager_config": {"_category": category}}, dynamic=False)
+    _route(link, spec, "link")
     return link, [link.output[i] for i in range(len(uuids))]
 
 
@@ -198,9 +202,7 @@ def _tag_trigger(trigger: Job, spec: ExplorationSpec, run_id: str, k: int) -> No
     trigger.config.expose_store = True
     # The trigger's own category must not leak to the stages it creates.
     trigger.config.pass_manager_config = False
-    category = spec.dispatch.category("trigger")
-    if category:
-        trigger.update_config({"manager_config": {"_category": category}}, dynamic=False)
+    _route(trigger, spec, "trigger")
 
 
 def initial_jobs(spec: ExplorationSpec, run_id: str, seeds) -> dict[str, Job]:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cscflow.config import load_spec
+from test_dispatch import TINY as DISPATCH_TINY
 
 pytest.importorskip("jobflow_remote")
 
@@ -21,17 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "fworker_configs" / "jobflow_remote" / "cscflow.yaml"
 BIN = Path(sys.executable).parent
 
-TINY = """
-name: tiny_remote
-chemical_system: {elements: [Li, S], min_atoms: 2, max_atoms: 4}
-seed: 3
-generator: {backend: pyxtal, num_per_condition: 2, conditions: [0.06]}
-relax: {fmax: 0.3, steps: 20}
-selection: {only_sun: false, bins: [{high: 0.0, quota: 1}, {low: 0.0, high: 10.0, quota: 1}]}
-labeller: {backend: teacher, copies_per_structure: 1}
-training: {backend: deepmd, numb_steps: 4, decay_steps: 2, n_train: 50, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}
-convergence: {max_iterations: 2, dh_dn_threshold: 0.0, min_iterations: 1}
-dispatch:
+# the FireWorks tests' tiny exploration, with a worker per category
+TINY = DISPATCH_TINY.replace("name: tiny\n", "name: tiny_remote\n") + """dispatch:
   remote_workers:
     gpu: {worker: gpu_worker, resources: {gpus_per_job: 1}}
     cpu: {worker: cpu_worker, exec_config: vasp}

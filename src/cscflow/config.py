@@ -412,8 +412,9 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_spec(path: str | Path) -> ExplorationSpec:
-    """Read and validate a spec; relative file paths are taken relative to the spec."""
+def load_spec(path: str | Path, model: type[ExplorationSpec] = ExplorationSpec) -> ExplorationSpec:
+    """Read and validate a spec (an ExplorationSpec or a subclass such as the CHGGen spec);
+    relative file paths are taken relative to the spec."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
@@ -426,7 +427,7 @@ def load_spec(path: str | Path) -> ExplorationSpec:
     base = path.resolve().parent
     _resolve_relative_paths(raw, base)
     try:
-        return ExplorationSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         raise SpecError(_format_validation_error(str(path), err)) from None
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cscflow.config import ExplorationSpec, SpecError
+from cscflow.config import ExplorationSpec
 
 __all__ = ["ChgGenSettings", "ChgGenSpec", "load_chggen_spec"]
 
@@ -90,19 +89,6 @@ class ChgGenSpec(ExplorationSpec):
 
 def load_chggen_spec(path: str | Path) -> ChgGenSpec:
     """Read and validate a CHGGen spec (relative paths relative to the spec file)."""
-    from cscflow.config import _format_validation_error, _resolve_relative_paths
+    from cscflow.config import load_spec
 
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a spec must be a YAML mapping of settings")
-    _resolve_relative_paths(raw, path.resolve().parent)
-    try:
-        return ChgGenSpec.model_validate(raw)
-    except ValidationError as err:
-        raise SpecError(_format_validation_error(str(path), err)) from None
+    return load_spec(path, ChgGenSpec)

@@ -95,7 +95,7 @@ def plan_downstream(
     # The checkpoint key covers everything that changes the result: other settings, other screen.
     digest = hashlib.sha1(
         json.dumps([qha_settings.model_dump(mode="json"), md_settings.model_dump(mode="json"), model,
-                    max_structures], sort_keys=True).encode()
+                    str(model_path), forcefield.model_dump(mode="json"), max_structures], sort_keys=True).encode()
     ).hexdigest()[:10]
     tag = f"{model}-{digest}"
 

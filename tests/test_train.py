@@ -157,3 +157,28 @@ def test_more_steps_fit_better(frames, tmp_path):
         rmse[steps] = result["force_rmse"]
         assert evaluate_model(result["model_path"], train)["force_rmse"] == pytest.approx(rmse[steps], rel=1e-5)
     assert rmse[400] < rmse[20]
+
+
+def test_finetuning_a_pretrained_model_absorbs_another_codes_energy_offset(first_model, frames, tmp_path):
+    """Energies across codes: labels from a code whose energies sit 3 eV/atom higher are
+    absorbed by deepmd-kit's per-element bias change when fine-tuning from a pretrained model
+    (the tiny model stands in for DPA-3.1-3M), not by hundreds of gradient steps."""
+    from deepmd.calculator import DP
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    shift = 3.0  # eV/atom
+    shifted = [f.model_copy(update={"energy": f.energy + shift * len(f.structure)}) for f in frames]
+    settings = TrainingSettings(numb_steps=2, n_train=1000, train_iterations_max=3,
+                                pretrained=first_model.checkpoint_path, **TINY)
+    out = _run(TrainMaker(settings=settings, type_map=TYPE_MAP), shifted, 1, tmp_path)
+    assert out.start_from == f"pretrained:{first_model.checkpoint_path}"
+    assert "Change output bias" in (Path(out.work_dir) / "dp.log").read_text()
+    moved = []
+    for f in frames[:5]:
+        atoms = AseAtomsAdaptor.get_atoms(f.structure)
+        atoms.calc = DP(model=first_model.model_path)
+        before = atoms.get_potential_energy()
+        atoms.calc = DP(model=out.model_path)
+        moved.append((atoms.get_potential_energy() - before) / len(atoms))
+    # two optimiser steps alone move energies by far less than 3 eV/atom: the shift is the bias
+    assert np.mean(moved) == pytest.approx(shift, abs=0.5), moved

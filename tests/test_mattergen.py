@@ -299,3 +299,20 @@ convergence: {{max_iterations: 2, dh_dn_threshold: 0.0}}
         assert prov["condition"]["e_hull"] == 0.0
     # Iteration 2 sampled from iteration 1's fine-tuned checkpoint.
     assert final.generator_checkpoint == tuned[2]
+
+
+@needs_mattergen
+def test_tiny_conditioned_model_from_prototypes_knows_both_conditions(tmp_path):
+    """`python -m cscflow.chggen.tiny OUT --elements Li P S --conditioned`: the demo's generator."""
+    from cscflow.chggen.tiny import train_tiny_conditioned_model
+    from cscflow.generators.mattergen import CONDITIONS, MatterGenWorker
+
+    out = train_tiny_conditioned_model(["Li", "P", "S"], tmp_path / "tiny", steps=20, finetune_steps=3)
+    assert out == (tmp_path / "tiny" / "it0").resolve()
+    assert (tmp_path / "tiny" / "base" / "checkpoints" / "last.ckpt").is_file()
+    with MatterGenWorker(workdir=tmp_path / "w") as w:
+        info = w.load(out, device="cpu")
+    assert set(CONDITIONS) <= set(info["conditions"])
+    stamp = (out / "checkpoints" / "last.ckpt").stat().st_mtime
+    assert train_tiny_conditioned_model(["Li", "P", "S"], tmp_path / "tiny") == out  # second call: no retraining
+    assert (out / "checkpoints" / "last.ckpt").stat().st_mtime == stamp

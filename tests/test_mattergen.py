@@ -59,6 +59,26 @@ def test_check_sample_guard(lips_structures):
     assert check_sample(flat) == "collapsed_lattice"
 
 
+def test_needle_thin_cells_are_reduced_to_the_same_crystal(lips_structures):
+    """A sample on a skewed basis (lengths of hundreds of Å, angles near 0°) is the same
+    crystal: it comes back Niggli-reduced, not as a cell that makes every neighbour list huge."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from cscflow.mattergen_worker.core import reduce_sample
+
+    li2s = lips_structures["mp-1153"].copy()
+    skewed = li2s.copy()
+    skewed.make_supercell([[1, 60, 0], [0, 1, 70], [0, 0, 1]])  # unimodular: same cell, needle basis
+    assert max(skewed.lattice.abc) > 100 and min(skewed.lattice.angles) < 5
+    assert check_sample(skewed) is None  # volume per atom and distances are normal: the old guard let it pass
+    reduced, reason = reduce_sample(skewed)
+    assert reason is None and len(reduced) == len(li2s)
+    assert max(reduced.lattice.abc) < 2 * max(li2s.lattice.abc)
+    assert StructureMatcher().fit(reduced, li2s)
+    flat = Structure(Lattice.from_parameters(3, 3, 3, 89, 1e-4, 90), ["Li"], [[0, 0, 0]])
+    assert reduce_sample(flat) == (None, "degenerate_lattice")
+
+
 def test_labelled_e_hull_uses_labeller_energies_only():
     from cscflow.generators.mattergen import labelled_e_hull
 

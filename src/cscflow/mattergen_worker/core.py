@@ -422,6 +422,25 @@ def check_sample(structure, max_volume_per_atom: float = 150.0, min_distance: fl
     return None
 
 
+def reduce_sample(structure, min_angle: float = 20.0):
+    """(Niggli-reduced structure, None) or (None, 'degenerate_lattice').
+
+    The lattice diffusion can end on a needle-thin basis of an ordinary lattice (lengths of
+    hundreds of Å, angles near 0°, normal volume per atom): the same crystal, but every
+    neighbour list, relaxation and DPA-3 training batch on it costs orders of magnitude more.
+    Reduction returns the same crystal in its shortest basis; what is still flat after it
+    is rejected.
+    """
+    try:
+        reduced = structure.get_reduced_structure(reduction_algo="niggli")
+    except Exception:  # noqa: BLE001  (pymatgen gives up on numerically flat lattices)
+        return None, "degenerate_lattice"
+    angles = reduced.lattice.angles
+    if min(angles) < min_angle or max(angles) > 180.0 - min_angle:
+        return None, "degenerate_lattice"
+    return reduced, None
+
+
 class Sampler:
     """A loaded model kept in-process across batches (one worker process per stage job)."""
 
@@ -563,6 +582,8 @@ class Sampler:
                 indices = list(range(start_index + b0, start_index + b0 + m))
                 for i, s, reason in self._sample_batch(sampler, num_atoms, transforms, indices, batch_seed):
                     reason = reason or check_sample(s, max_volume_per_atom, min_distance)
+                    if not reason:
+                        s, reason = reduce_sample(s)
                     if reason:
                         rejected[i] = reason
                         reasons[reason] = reasons.get(reason, 0) + 1

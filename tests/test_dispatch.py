@@ -194,7 +194,8 @@ def test_store_and_launchpad_templates_render(monkeypatch):
     from jobflow import JobStore
     from maggma.stores import GridFSStore, MongoStore, S3Store
 
-    from cscflow.dispatch import _expand_env, read_launchpad_file
+    from cscflow.dispatch import read_launchpad_file
+    from cscflow.stores import expand_env
 
     for name in ("FW_MONGO_HOST", "FW_MONGO_DB", "FW_MONGO_USER", "CSCFLOW_MONGO_DB", "CSCFLOW_MONGO_HOST",
                  "CSCFLOW_MONGO_USER", "CSCFLOW_S3_BUCKET", "CSCFLOW_S3_ENDPOINT"):
@@ -205,10 +206,10 @@ def test_store_and_launchpad_templates_render(monkeypatch):
     assert lp_config["password"] == "pw-1" and lp_config["mongoclient_kwargs"]["tls"] is True
     lp = LaunchPad.from_dict(lp_config)  # pymongo connects lazily: configuration only
     assert lp.name == "fw_mongo_db"
-    mongo = JobStore.from_dict_spec(_expand_env(yaml.safe_load((CONFIGS / "jobflow_mongo.yaml").read_text())["JOB_STORE"], "t"))
+    mongo = JobStore.from_dict_spec(expand_env(yaml.safe_load((CONFIGS / "jobflow_mongo.yaml").read_text())["JOB_STORE"], "t"))
     assert isinstance(mongo.docs_store, MongoStore) and isinstance(mongo.additional_stores["data"], GridFSStore)
     assert mongo.docs_store.password == "pw-2"
-    s3 = JobStore.from_dict_spec(_expand_env(yaml.safe_load((CONFIGS / "jobflow_s3.yaml").read_text())["JOB_STORE"], "t"))
+    s3 = JobStore.from_dict_spec(expand_env(yaml.safe_load((CONFIGS / "jobflow_s3.yaml").read_text())["JOB_STORE"], "t"))
     assert isinstance(s3.additional_stores["data"], S3Store)
 
 

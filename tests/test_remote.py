@@ -100,12 +100,12 @@ def test_project_template_is_a_valid_jobflow_remote_project(monkeypatch):
     from jobflow_remote.config.base import Project
     from maggma.stores import GridFSStore, MongoStore
 
-    from cscflow.dispatch import _expand_env
+    from cscflow.stores import expand_env
 
     for name in ("CSCFLOW_CLUSTER_HOST", "USER", "CSCFLOW_MONGO_HOST", "CSCFLOW_MONGO_DB", "CSCFLOW_MONGO_USER",
                  "CSCFLOW_MONGO_PASSWORD"):
         monkeypatch.setenv(name, name.lower())
-    raw = _expand_env(yaml.safe_load(TEMPLATE.read_text()), str(TEMPLATE))
+    raw = expand_env(yaml.safe_load(TEMPLATE.read_text()), str(TEMPLATE))
     project = Project.model_validate(raw)
     assert set(project.workers) == set(WANT.values())
     assert project.workers["gpu_worker"].resources["gres"] == "gpu:1"

@@ -53,7 +53,6 @@ SINGLE_WRITER_NOTE = (
     "laptop mode: the LaunchPad is one mongomock file, written back when a FireWorks process exits; "
     "run ONE rlaunch at a time and open `lpad webgui` only on a copy of the file"
 )
-_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 class DispatchError(RuntimeError):
@@ -119,24 +118,6 @@ def fworker_categories(spec: ExplorationSpec) -> list[str | None]:
 # --------------------------------------------------------------------------- LaunchPad
 
 
-def _expand_env(value, source: str):
-    """Replace ${VAR} in strings with the environment's value; an unset variable is an error."""
-    if isinstance(value, dict):
-        return {k: _expand_env(v, source) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, source) for v in value]
-    if not isinstance(value, str):
-        return value
-
-    def repl(match):
-        name = match.group(1) or match.group(2)
-        if name not in os.environ:
-            raise DispatchError(f"{source}: environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV_VAR.sub(repl, value)
-
-
 def read_launchpad_file(path: str | Path) -> dict:
     """A LaunchPad YAML file as a dict, `${VAR}` expanded from the environment, checked."""
     path = Path(path).expanduser()
@@ -161,7 +142,9 @@ def read_launchpad_file(path: str | Path) -> dict:
         raise DispatchError(f"{path}: unknown LaunchPad setting(s): {', '.join(unknown)}")
     if raw.get("port") is not None and not isinstance(raw["port"], int):
         raise DispatchError(f"{path}: port must be an integer")
-    return _expand_env(raw, str(path))
+    from cscflow.stores import expand_env
+
+    return expand_env(raw, str(path), DispatchError)
 
 
 def describe_launchpad(config: dict) -> str:
@@ -282,7 +265,7 @@ def _check_no_credentials(spec: ExplorationSpec) -> None:
     """Literal user:password in store.uri would be copied into every stored job document."""
     uri = spec.store.uri or ""
     userinfo = uri.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]
-    if userinfo and not all(re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}", part) for part in userinfo.split(":")):
+    if userinfo and not all(re.fullmatch(r"\$(\{[A-Za-z_]\w*\}|[A-Za-z_]\w*)", part) for part in userinfo.split(":")):
         raise DispatchError(
             "store.uri contains credentials, which would be copied into every stored job document; "
             "write them as environment variables (mongodb://${CSCFLOW_MONGO_USER}:${CSCFLOW_MONGO_PASSWORD}@host/...) "

@@ -9,7 +9,7 @@ uuid (dynamic flows re-use uuids with a new index) and loses outputs.
 from __future__ import annotations
 
 import os
-import re
+import string
 from pathlib import Path
 
 from jobflow import JobStore
@@ -31,19 +31,22 @@ def redact_uri(uri: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_env(text: str, source: str = "store.uri") -> str:
-    """Fill ``${VAR}`` from the environment, so credentials stay out of specs and stored documents."""
-
-    def repl(match):
-        name = match.group(1)
-        if name not in os.environ:
-            raise StoreError(f"{source}: environment variable {name} is not set")
-        return os.environ[name]
-
-    return _ENV_VAR.sub(repl, text)
+def expand_env(value, source: str = "store.uri", error: type[Exception] = StoreError):
+    """Fill ``$VAR``/``${VAR}`` from the environment (``string.Template``) in a string, or in
+    every string of a dict/list (config files), so credentials stay out of specs and stored
+    documents. An unset variable is an ``error`` naming it; ``$$`` is a literal ``$``."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, source, error) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, source, error) for v in value]
+    if not isinstance(value, str):
+        return value
+    try:
+        return string.Template(value).substitute(os.environ)
+    except KeyError as exc:
+        raise error(f"{source}: environment variable {exc.args[0]} is not set") from None
+    except ValueError as exc:
+        raise error(f"{source}: {exc} (write a literal $ as $$)") from None
 
 
 def build_job_store(settings: StoreSettings, run_dir: str | Path | None = None) -> JobStore:

@@ -23,7 +23,6 @@ import sys
 import uuid as uuidlib
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -315,16 +314,9 @@ def submit(
     wrong = missing_categories(wf, spec)
     if wrong:  # would wait forever on category-bound workers
         raise DispatchError("Fireworks with the wrong _category: " + "; ".join(wrong))
-    meta = {
-        "run_id": run_id,
-        "spec_file": str(Path(spec_path).resolve()),
-        "created": datetime.now(timezone.utc).isoformat(),
-        "dispatch": "fireworks-local" if local else "fireworks",
-        "launchpad": where,
-        "spec": spec.model_dump(mode="json"),
-    }
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    from cscflow.runner import record_run
+
+    record_run(run_dir, run_id, spec, spec_path, "fireworks-local" if local else "fireworks", launchpad=where)
     wf.to_file(str(run_dir / "workflow.json"))
     id_map = lp.add_wf(wf)
     if local:

@@ -12,18 +12,18 @@ the JobStore the workers write to.
 
 from __future__ import annotations
 
-import json
 import uuid as uuidlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from cscflow.config import ExplorationSpec, load_spec
+from cscflow.dispatch import DispatchError, _check_no_credentials
+from cscflow.runner import record_run
 
-__all__ = ["RemoteSubmission", "check_remote_workers", "remote_flow", "submit_remote"]
+__all__ = ["RemoteDispatchError", "RemoteSubmission", "check_remote_workers", "remote_flow", "submit_remote"]
 
 
-class RemoteDispatchError(RuntimeError):
+class RemoteDispatchError(DispatchError):
     """The flow cannot go to jobflow-remote as configured."""
 
 
@@ -67,8 +67,6 @@ def _worker_counts(flow) -> dict[str, int]:
 def submit_remote(spec_path: str | Path, project: str | None, run_dir: str | Path | None = None,
                   seeds=None) -> RemoteSubmission:
     """Insert the exploration into a jobflow-remote project's queue (the daemon runs it)."""
-    from cscflow.dispatch import DispatchError, _check_no_credentials
-
     spec = load_spec(spec_path)
     _check_no_credentials(spec)
     try:
@@ -81,23 +79,10 @@ def submit_remote(spec_path: str | Path, project: str | None, run_dir: str | Pat
     if (run_dir / "run.json").exists():
         raise DispatchError(f"{run_dir} already holds a run: choose another --run-dir")
     run_id = uuidlib.uuid4().hex[:12]
-    try:
-        flow = remote_flow(spec, run_id, seeds=seeds)
-    except RemoteDispatchError as exc:
-        raise DispatchError(str(exc)) from None
+    flow = remote_flow(spec, run_id, seeds=seeds)
     try:
         job_ids = submit_flow(flow, project=project)
     except Exception as exc:  # jobflow-remote's own config / connection errors, one line
         raise DispatchError(f"jobflow-remote project {project or '(default)'}: {type(exc).__name__}: {exc}") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "run_id": run_id,
-        "spec_file": str(Path(spec_path).resolve()),
-        "created": datetime.now(timezone.utc).isoformat(),
-        "dispatch": "jobflow-remote",
-        "project": project,
-        "spec": spec.model_dump(mode="json"),
-    }
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    record_run(run_dir, run_id, spec, spec_path, "jobflow-remote", project=project)
     return RemoteSubmission(run_id, run_dir, project, [str(j) for j in job_ids or []], _worker_counts(flow))

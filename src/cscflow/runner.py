@@ -35,6 +35,20 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def record_run(run_dir: Path, run_id: str, spec: ExplorationSpec, spec_path, dispatch: str, **extra) -> None:
+    """run.json + spec.yaml: what `cscflow status/report/resume/downstream` read to find a run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "run.json", {
+        "run_id": run_id,
+        "spec_file": str(Path(spec_path).resolve()),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "dispatch": dispatch,
+        **extra,
+        "spec": spec.model_dump(mode="json"),
+    })
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+
+
 def load_run(run_dir: str | Path) -> tuple[str, ExplorationSpec]:
     run_dir = Path(run_dir)
     meta = run_dir / "run.json"
@@ -81,18 +95,8 @@ def explore(spec_path: str | Path, run_dir: str | Path, seeds=None) -> LoopState
     run_dir = Path(run_dir).resolve()
     if (run_dir / "run.json").exists():
         raise RunError(f"{run_dir} already holds a run: use `cscflow resume {run_dir}` or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     run_id = uuidlib.uuid4().hex[:12]
-    _write_json(
-        run_dir / "run.json",
-        {
-            "run_id": run_id,
-            "spec_file": str(Path(spec_path).resolve()),
-            "created": datetime.now(timezone.utc).isoformat(),
-            "spec": spec.model_dump(mode="json"),
-        },
-    )
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    record_run(run_dir, run_id, spec, spec_path, "local")
     flow = exploration_flow(spec, run_id, seeds=seeds)
     return _run(flow, spec, run_dir)
 

@@ -115,7 +115,8 @@ def _prov(cid: str, mode: str, index: int, seed: int, condition: dict, parent: s
                       parent=parent, sample_index=index, seed=seed)
 
 
-def _worker(settings: GeneratorSettings):
+def _worker():
+    """One MatterGen worker process per job, in the job's folder."""
     from pathlib import Path
 
     from cscflow.generators.mattergen import MatterGenWorker
@@ -171,7 +172,7 @@ class UnconditionalMaker(Maker):
         t0 = time.perf_counter()
         g = self.generator
         drafts = [CellDraft.model_validate(c) if isinstance(c, dict) else c for c in cells]
-        with _worker(g) as w:
+        with _worker() as w:
             samples, res = sample_in_cells(
                 w, g.checkpoint, [(Lattice(c.lattice), c.species) for c in drafts],
                 n_steps_corrector=self.settings.n_steps_corrector, guidance_factor=self.settings.guidance_factor,
@@ -237,7 +238,7 @@ class InpaintMaker(Maker):
                 meta.append((f, k))
         if not inputs:
             return GenerationOutput(seconds=time.perf_counter() - t0)
-        with _worker(g) as w:
+        with _worker() as w:
             samples, res = inpaint_guests(
                 w, g.checkpoint, inputs, resample_steps=s.resample_steps, n_steps_corrector=s.n_steps_corrector,
                 guidance_factor=s.guidance_factor, batch_size=g.batch_size,

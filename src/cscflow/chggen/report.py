@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cscflow.analysis.figures import _pyplot, _save
 from cscflow.analysis.report import ReportOutput, Section, _figure, _table, render_page
 
 __all__ = ["is_chggen_run", "load_chggen_report", "write_chggen_report"]
@@ -68,18 +69,6 @@ def load_chggen_report(run_dir: str | Path):
     if path.is_file():
         return ChgGenReport.model_validate(json.loads(path.read_text()))
     raise RunError(f"{run_dir}: the CHGGen flow has not reached its report yet (no chggen_report in the store)")
-
-
-def _pyplot():
-    from cscflow.analysis.figures import _pyplot
-
-    return _pyplot()
-
-
-def _save(fig, path: Path) -> Path:
-    from cscflow.analysis.figures import _save
-
-    return _save(fig, path)
 
 
 def plot_success_by_atoms(report, path: Path) -> Path:

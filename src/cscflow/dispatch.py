@@ -101,11 +101,8 @@ def missing_categories(workflow, spec: ExplorationSpec) -> list[str]:
 
 
 def expected_category(spec: ExplorationSpec, stage: str) -> str | None:
-    """The `_category` a stage's Firework must carry (`link` jobs default to the trigger's)."""
-    category = spec.dispatch.category(stage)
-    if category is None and stage == "link":
-        category = spec.dispatch.category("trigger")
-    return category
+    """The `_category` a stage's Firework must carry (`link` jobs run where the trigger runs)."""
+    return spec.dispatch.category(stage)
 
 
 def fworker_categories(spec: ExplorationSpec) -> list[str | None]:

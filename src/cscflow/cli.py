@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -10,34 +9,8 @@ from pathlib import Path
 
 import click
 
-from cscflow.config import SpecError, load_spec
-
-
-class _UserError(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"error: {self.message}", err=True)
-
-
-def _user_errors(func):
-    """Turn known user-facing exceptions into one clear message (set CSCFLOW_DEBUG=1 for tracebacks)."""
-    from cscflow.runner import RunError
-    from cscflow.stores import StoreError
-    from cscflow.structures_io import StructureReadError
-
-    known = (SpecError, RunError, StoreError, StructureReadError, FileNotFoundError)
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except known as exc:
-            if os.environ.get("CSCFLOW_DEBUG"):
-                raise
-            raise _UserError(str(exc)) from None
-
-    return wrapper
+from cscflow.config import load_spec
+from cscflow.user_errors import user_errors
 
 
 @click.group()
@@ -60,7 +33,7 @@ def _is_chggen_spec(path) -> bool:
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@_user_errors
+@user_errors
 def validate(spec):
     """Validate SPEC.yaml (exploration or CHGGen) and print the resolved spec, defaults filled in."""
     if _is_chggen_spec(spec):
@@ -76,7 +49,7 @@ def validate(spec):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<spec name>).")
-@_user_errors
+@user_errors
 def explore(spec, run_dir):
     """Run an exploration locally (jobflow run_locally, embedded store by default)."""
     from cscflow.runner import explore as run_explore, format_status
@@ -92,7 +65,7 @@ def explore(spec, run_dir):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@_user_errors
+@user_errors
 def resume(run_dir):
     """Finish an interrupted run without recomputing finished stages."""
     from cscflow.runner import format_status, resume as run_resume
@@ -104,7 +77,7 @@ def resume(run_dir):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@_user_errors
+@user_errors
 def status(run_dir):
     """One row per finished iteration of a run."""
     from cscflow.runner import format_status
@@ -132,7 +105,7 @@ def _configure_logging():
 @click.option("--model", type=click.Choice(["forcefield", "trained"]), default="forcefield", show_default=True,
               help="The spec's force field, or the run's last trained DPA-3 model.")
 @click.option("--max-structures", type=int, default=None, help="Screen only the N lowest-E_hull candidates.")
-@_user_errors
+@user_errors
 def downstream(run_dir, only, quick, model, max_structures):
     """QHA P-T phase diagrams and Li-conductivity MD screening of a finished run (then: cscflow report)."""
     from cscflow.downstream.on_run import run_downstream

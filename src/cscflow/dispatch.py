@@ -15,7 +15,6 @@ and the last to exit overwrites the other's work), and only open ``lpad webgui``
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -28,7 +27,8 @@ from pathlib import Path
 import click
 import yaml
 
-from cscflow.config import ExplorationSpec, SpecError, load_spec
+from cscflow.config import ExplorationSpec, load_spec
+from cscflow.user_errors import user_errors
 
 __all__ = [
     "DispatchError",
@@ -334,25 +334,6 @@ def submit(
 # --------------------------------------------------------------------------- CLI
 
 
-def _user_errors(func):
-    """One line per user error, no traceback (CSCFLOW_DEBUG=1 shows it)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from cscflow.runner import RunError
-        from cscflow.stores import StoreError
-
-        try:
-            return func(*args, **kwargs)
-        except (DispatchError, SpecError, RunError, StoreError, FileNotFoundError) as exc:
-            if os.environ.get("CSCFLOW_DEBUG"):
-                raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
 @click.command("submit")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--launchpad", "-l", type=click.Path(dir_okay=False), default=None,
@@ -362,7 +343,7 @@ def _user_errors(func):
               help="Run directory (default: runs/<spec name>); holds run.json and the embedded store.")
 @click.option("--jobflow-remote", "remote_project", default=None, metavar="PROJECT",
               help="Submit to this jobflow-remote project instead of FireWorks (workers from dispatch.remote_workers).")
-@_user_errors
+@user_errors
 def submit_command(spec, launchpad, local, run_dir, remote_project):
     """Submit SPEC.yaml as a FireWorks workflow; run it with rlaunch/qlaunch workers."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")

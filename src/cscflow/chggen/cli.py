@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cscflow.user_errors import user_errors
+
 __all__ = ["chggen_command", "format_report", "run_chggen"]
 
 
@@ -72,18 +74,15 @@ def format_report(report) -> str:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<spec name>-chggen).")
+@user_errors
 def chggen_command(spec, run_dir):
     """CHGGen: lattice search, unconditional generation, framework symmetrization, RePaint inpainting."""
     from cscflow.chggen.settings import load_chggen_spec
-    from cscflow.cli import _configure_logging, _user_errors
+    from cscflow.cli import _configure_logging
 
-    @_user_errors
-    def go():
-        _configure_logging()
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        resolved = load_chggen_spec(spec)
-        target = run_dir or os.path.join("runs", f"{resolved.name}-chggen")
-        report = run_chggen(spec, target)
-        click.echo(format_report(report))
-
-    go()
+    _configure_logging()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    resolved = load_chggen_spec(spec)
+    target = run_dir or os.path.join("runs", f"{resolved.name}-chggen")
+    report = run_chggen(spec, target)
+    click.echo(format_report(report))

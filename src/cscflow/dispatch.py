@@ -35,7 +35,6 @@ __all__ = [
     "Submission",
     "connect_launchpad",
     "describe_launchpad",
-    "expected_category",
     "fworker_categories",
     "missing_categories",
     "read_launchpad_file",
@@ -94,15 +93,10 @@ def missing_categories(workflow, spec: ExplorationSpec) -> list[str]:
         stage = fw.spec.get("stage")
         if stage is None:
             continue
-        want = expected_category(spec, stage)
+        want = spec.dispatch.category(stage)
         if fw.spec.get("_category") != want:
             wrong.append(f"{fw.name} ({stage}: {fw.spec.get('_category')!r} != {want!r})")
     return wrong
-
-
-def expected_category(spec: ExplorationSpec, stage: str) -> str | None:
-    """The `_category` a stage's Firework must carry (`link` jobs run where the trigger runs)."""
-    return spec.dispatch.category(stage)
 
 
 def fworker_categories(spec: ExplorationSpec) -> list[str | None]:

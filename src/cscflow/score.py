@@ -41,6 +41,7 @@ __all__ = [
     "ScoreMaker",
     "ScoreOutput",
     "build_hull",
+    "hull_entry",
     "score_candidates",
 ]
 
@@ -89,7 +90,8 @@ def _scorable(c: Candidate) -> bool:
     return c.status == "relaxed" and c.energy_per_atom is not None
 
 
-def _entry(structure: Structure, energy_per_atom: float, name: str) -> PDEntry:
+def hull_entry(structure: Structure, energy_per_atom: float, name: str) -> PDEntry:
+    """A PhaseDiagram entry from a structure and its energy per atom."""
     comp = structure.composition
     return PDEntry(comp, energy_per_atom * comp.num_atoms, name=name)
 
@@ -173,8 +175,8 @@ def score_candidates(
             recomputed[key] = len(stale)
             logger.info("score: recomputed %d %s energies with %s", len(stale), key, model)
 
-    hull_entries = [_entry(r.structure, e, r.entry_id) for r, e in zip(references, ref_e)]
-    hull_entries += [_entry(c.structure, e, c.id) for c, e in zip(prev, prev_e)]
+    hull_entries = [hull_entry(r.structure, e, r.entry_id) for r, e in zip(references, ref_e)]
+    hull_entries += [hull_entry(c.structure, e, c.id) for c, e in zip(prev, prev_e)]
     elements = {str(el) for i in current for el in cands[i].structure.composition.elements}
     ref_elements = {str(el) for r in references if len(r.structure.composition.elements) == 1
                     for el in r.structure.composition.elements}
@@ -199,7 +201,7 @@ def score_candidates(
         known = known_by_formula.get(formula, [])
         for j in members:
             c = cands[current[j]]
-            entry = _entry(c.structure, c.energy_per_atom, c.id)
+            entry = hull_entry(c.structure, c.energy_per_atom, c.id)
             c.e_hull = float(pd.get_e_above_hull(entry, allow_negative=True))
             c.is_stable = c.e_hull < settings.stability_threshold
             c.is_unique = not any(matcher.fit(c.structure, u) for u in uniques)

@@ -72,17 +72,14 @@ def displacement_rmsd(generated: Structure, relaxed: Structure) -> tuple[float, 
 
 def decomposition_energies(structures: Sequence[Structure], energies_per_atom: Sequence[float], references) -> list[float]:
     """E_d (eV/atom) of each structure against the hull of ``references`` (ReferenceEntry list)."""
-    from pymatgen.analysis.phase_diagram import PDEntry
+    from cscflow.score import build_hull, hull_entry
 
-    from cscflow.score import build_hull
-
-    entries = [PDEntry(r.structure.composition, r.energy_per_atom * len(r.structure), name=r.entry_id)
-               for r in references]
+    entries = [hull_entry(r.structure, r.energy_per_atom, r.entry_id) for r in references]
     elements = sorted({el.symbol for s in structures for el in s.composition.elements})
     pd = build_hull(entries, elements)
     out = []
     for i, (s, e) in enumerate(zip(structures, energies_per_atom)):
-        entry = PDEntry(s.composition, float(e) * len(s), name=f"cand-{i}")
+        entry = hull_entry(s, float(e), f"cand-{i}")
         try:
             out.append(float(pd.get_decomp_and_phase_separation_energy(entry)[1]))
         except Exception as exc:  # noqa: BLE001  (degenerate hull, numerical failure)

@@ -15,10 +15,10 @@ import logging
 from typing import Any
 
 import numpy as np
-from pymatgen.core import Lattice
 
 from cscflow.config import ChemicalSystem, ForceFieldSettings, GeneratorSettings, RelaxSettings
 from cscflow.generators import GENERATORS, Generator
+from cscflow.generators.mattergen import MatterGenGenerator
 from cscflow.schemas import Candidate, Provenance
 
 __all__ = ["ChgGenGenerator"]
@@ -26,33 +26,20 @@ __all__ = ["ChgGenGenerator"]
 logger = logging.getLogger(__name__)
 
 
-class ChgGenGenerator(Generator):
-    """Lattice search -> unconditional positions -> relax -> symmetrize -> RePaint."""
+class ChgGenGenerator(MatterGenGenerator):
+    """Lattice search -> unconditional positions -> relax -> symmetrize -> RePaint.
+
+    A MatterGen generator with another ``generate``: the checkpoint check and the worker
+    process (started on first use, closed with the generator) are MatterGen's.
+    """
 
     name = "chggen"
 
     def __init__(self, settings: GeneratorSettings, chggen=None, worker=None):
-        super().__init__(settings)
         from cscflow.chggen.settings import ChgGenSettings
 
-        if settings.checkpoint is None:
-            raise ValueError("generator backend 'chggen' needs a MatterGen model: set generator.checkpoint")
+        super().__init__(settings, worker=worker)
         self.chggen = chggen or ChgGenSettings()
-        self._worker = worker
-        self._own_worker = worker is None
-
-    @property
-    def worker(self):
-        if self._worker is None:
-            from cscflow.generators.mattergen import MatterGenWorker
-
-            self._worker = MatterGenWorker()
-        return self._worker
-
-    def close(self) -> None:
-        if self._own_worker and self._worker is not None:
-            self._worker.close()
-            self._worker = None
 
     def _composition(self, cs: ChemicalSystem, rng: np.random.Generator) -> list[str]:
         k = len(cs.elements)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import click
 
+from cscflow.chggen.settings import is_chggen_spec
 from cscflow.config import load_spec
 from cscflow.user_errors import user_errors
 
@@ -20,23 +20,12 @@ def main():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _is_chggen_spec(path) -> bool:
-    """A spec with a top-level ``chggen:`` block belongs to `cscflow chggen`."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False  # load_spec reports the file or YAML error
-    return isinstance(raw, dict) and "chggen" in raw
-
-
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @user_errors
 def validate(spec):
     """Validate SPEC.yaml (exploration or CHGGen) and print the resolved spec, defaults filled in."""
-    if _is_chggen_spec(spec):
+    if is_chggen_spec(spec):
         from cscflow.chggen.settings import load_chggen_spec
 
         resolved = load_chggen_spec(spec)
@@ -54,7 +43,7 @@ def explore(spec, run_dir):
     """Run an exploration locally (jobflow run_locally, embedded store by default)."""
     from cscflow.runner import explore as run_explore, format_status
 
-    if _is_chggen_spec(spec):
+    if is_chggen_spec(spec):
         raise click.UsageError(f"{spec} is a CHGGen spec (it has a chggen: block): run `cscflow chggen {spec}`")
     _configure_logging()
     resolved = load_spec(spec)

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from cscflow.analysis.figures import _pyplot, _save
 from cscflow.analysis.report import ReportOutput, Section, _figure, _table, render_page
+from cscflow.chggen.settings import is_chggen_spec, read_spec_mapping
 
 __all__ = ["is_chggen_run", "load_chggen_report", "write_chggen_report"]
 
@@ -25,21 +25,9 @@ MODES = ("unconditional", "inpainting")
 _COLORS = {"unconditional": "tab:blue", "inpainting": "tab:orange", "reference": "black"}
 
 
-def _spec_dict(run_dir: Path) -> dict | None:
-    path = run_dir / "spec.yaml"
-    if not path.is_file():
-        return None
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
 def is_chggen_run(run_dir: str | Path) -> bool:
-    """A `cscflow chggen` run directory: its spec has a ``chggen:`` block."""
-    raw = _spec_dict(Path(run_dir))
-    return raw is not None and "chggen" in raw
+    """A `cscflow chggen` run directory: its spec.yaml has a ``chggen:`` block."""
+    return is_chggen_spec(Path(run_dir) / "spec.yaml")
 
 
 def load_chggen_report(run_dir: str | Path):
@@ -50,7 +38,7 @@ def load_chggen_report(run_dir: str | Path):
     from cscflow.stores import build_job_store
 
     run_dir = Path(run_dir).resolve()
-    raw = _spec_dict(run_dir)
+    raw = read_spec_mapping(run_dir / "spec.yaml")
     if raw is None or "chggen" not in raw:
         raise RunError(f"{run_dir}: not a CHGGen run directory (no spec.yaml with a chggen: block)")
     # Only the store block is needed: the generator checkpoint may be gone by the time one reports.

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cscflow.config import ExplorationSpec
 
-__all__ = ["ChgGenSettings", "ChgGenSpec", "load_chggen_spec"]
+__all__ = ["ChgGenSettings", "ChgGenSpec", "is_chggen_spec", "load_chggen_spec", "read_spec_mapping"]
 
 CRYSTAL_SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic")
 
@@ -92,3 +92,21 @@ def load_chggen_spec(path: str | Path) -> ChgGenSpec:
     from cscflow.config import load_spec
 
     return load_spec(path, ChgGenSpec)
+
+
+def read_spec_mapping(path: str | Path) -> dict | None:
+    """The spec file's YAML mapping, or None when it is missing or not a YAML mapping
+    (``load_spec`` is where those problems are reported)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def is_chggen_spec(path: str | Path) -> bool:
+    """A spec with a top-level ``chggen:`` block belongs to `cscflow chggen`, not `explore`."""
+    raw = read_spec_mapping(path)
+    return raw is not None and "chggen" in raw

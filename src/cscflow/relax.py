@@ -44,8 +44,10 @@ from cscflow.config import ForceFieldSettings, RelaxSettings
 from cscflow.schemas import Candidate
 
 __all__ = [
+    "RelaxCollectMaker",
     "RelaxMaker",
     "RelaxOutput",
+    "RelaxShardMaker",
     "batched_model",
     "check_structure",
     "finish_relaxation",
@@ -53,6 +55,8 @@ __all__ = [
     "reject",
     "relax_candidate",
     "relax_candidates",
+    "relax_output",
+    "shard_candidates",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,13 +370,76 @@ class RelaxMaker(Maker):
         calculator = get_calculator(self.forcefield, model_path)
         model = model_tag(self.forcefield, model_path)
         relaxed = relax_candidates(list(candidates), calculator, self.settings, model, self.progress)
-        reasons = Counter(c.reject_reason for c in relaxed if c.status == "rejected")
-        return RelaxOutput(
-            candidates=relaxed,
-            n_relaxed=sum(c.status == "relaxed" for c in relaxed),
-            n_rejected=sum(c.status == "rejected" for c in relaxed),
-            n_converged=sum(bool(c.converged) for c in relaxed if c.status == "relaxed"),
-            rejection_reasons={str(k): v for k, v in reasons.items()},
-            model=model,
-            seconds=time.perf_counter() - t0,
-        )
+        return relax_output(relaxed, model, time.perf_counter() - t0)
+
+
+def relax_output(relaxed: list[Candidate], model: str, seconds: float) -> RelaxOutput:
+    """The stage document of relaxed candidates: the list and its counts."""
+    reasons = Counter(c.reject_reason for c in relaxed if c.status == "rejected")
+    return RelaxOutput(
+        candidates=relaxed,
+        n_relaxed=sum(c.status == "relaxed" for c in relaxed),
+        n_rejected=sum(c.status == "rejected" for c in relaxed),
+        n_converged=sum(bool(c.converged) for c in relaxed if c.status == "relaxed"),
+        rejection_reasons={str(k): v for k, v in reasons.items()},
+        model=model,
+        seconds=seconds,
+    )
+
+
+def shard_candidates(candidates: list, shard_size: int) -> list[list]:
+    """Consecutive shards of at most ``shard_size`` candidates (order kept, none empty)."""
+    if shard_size < 1:
+        raise ValueError(f"relax.shard_size must be at least 1, got {shard_size}")
+    items = list(candidates)
+    return [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+
+
+@dataclass
+class RelaxCollectMaker(Maker):
+    """Join the shards' outputs into one RelaxOutput, in shard order (the fan-in step)."""
+
+    name: str = "relax collect"
+
+    @job(data=["candidates"])
+    def make(self, outputs: list[RelaxOutput]) -> RelaxOutput:
+        docs = [o if isinstance(o, RelaxOutput) else RelaxOutput.model_validate(o) for o in outputs]
+        relaxed = [_as_candidate(c) for d in docs for c in d.candidates]
+        models = {d.model for d in docs if d.model}
+        if len(models) > 1:
+            raise ValueError(f"relax shards used different force fields: {sorted(models)}")
+        return relax_output(relaxed, models.pop() if models else "", sum(d.seconds for d in docs))
+
+
+@dataclass
+class RelaxShardMaker(Maker):
+    """Fan the relax stage out: one ``relax_maker`` job per shard of ``relax.shard_size``
+    candidates, then one collect job; FireWorks / jobflow-remote run the shards concurrently.
+
+    The loop uses it where it uses ``RelaxMaker`` today, same inputs, same output::
+
+        relax = RelaxShardMaker(relax_maker=RelaxMaker(forcefield=spec.forcefield, settings=spec.relax))
+        jobs["relax"] = relax.make(jobs["generate"].output.candidates, model_path=relax_model)
+        ... jobs["relax"].output.candidates  # the collect job's RelaxOutput
+
+    The job replaces itself by the shard jobs and the collect job when it runs (the
+    candidate count is known only then), so its output reference resolves to the collect's.
+    One shard (≤ shard_size candidates) still runs as a shard job plus a collect.
+    """
+
+    relax_maker: RelaxMaker = field(default_factory=RelaxMaker)
+    name: str = "relax shards"
+    collect_maker: RelaxCollectMaker = field(default_factory=RelaxCollectMaker)
+
+    @job
+    def make(self, candidates: list[Candidate], model_path: str | None = None):
+        from jobflow import Flow, Response
+
+        shards = shard_candidates(candidates, self.relax_maker.settings.shard_size)
+        jobs = []
+        for i, shard in enumerate(shards):
+            shard_job = self.relax_maker.make(shard, model_path=model_path)
+            shard_job.name = f"{self.relax_maker.name} {i + 1}/{len(shards)}"
+            jobs.append(shard_job)
+        collect = self.collect_maker.make([j.output for j in jobs])
+        return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from ase.calculators.lj import LennardJones
 from ase.units import GPa
 from pymatgen.core import Lattice, Structure
@@ -48,7 +49,7 @@ def rattled(lips_structures) -> list[Structure]:
 
 def test_chgnet_model_matches_the_ase_calculator(chgnet, rattled):
     model = CHGNetModel(chgnet.model)
-    assert model.device.type == "cpu" and model.dtype == torch_float64()
+    assert model.device.type == "cpu" and model.dtype == torch.float64
     state = ts.initialize_state(rattled[:3], model.device, model.dtype)
     out = model(state)
     ref = single_points(rattled[:3], chgnet)
@@ -62,12 +63,6 @@ def test_chgnet_model_matches_the_ase_calculator(chgnet, rattled):
         # torch-sim stress is eV/Å^3 with ASE's sign; cscflow's is GPa
         np.testing.assert_allclose(out["stress"][b].numpy() / GPa, r["stress"], atol=1e-3)
         start += len(s)
-
-
-def torch_float64():
-    import torch
-
-    return torch.float64
 
 
 def test_batched_and_sequential_relaxation_agree(chgnet, rattled):
@@ -124,8 +119,6 @@ def test_exploding_cell_is_stopped_in_the_batch(lips_structures):
     """torch-sim's Lennard-Jones with its minimum far out blows the Li2S cell up: gate stops it."""
     from torch_sim.models.lennard_jones import LennardJonesModel
 
-    import torch
-
     # conventional 12-atom cell: torch-sim 0.3.0's LJ neighbour list is wrong for the 3-atom
     # primitive cell with an 8 Å cutoff (energy 3e8 eV); on this cell it agrees with ASE's LJ
     li2s = lips_structures["mp-1153"].to_conventional()
@@ -143,8 +136,6 @@ def test_exploding_cell_is_stopped_in_the_batch(lips_structures):
 
 def test_engine_choice(chgnet):
     assert batched_model(chgnet, RelaxSettings(engine="ase")) is None
-    import torch
-
     if not torch.cuda.is_available():  # auto batches only on a GPU
         assert batched_model(chgnet, RelaxSettings(engine="auto")) is None
     assert isinstance(batched_model(chgnet, RelaxSettings(engine="torchsim")), CHGNetModel)
@@ -154,3 +145,39 @@ def test_engine_choice(chgnet):
     with pytest.raises(ValueError, match="relax.optimizer"):
         RelaxSettings(engine="torchsim", optimizer="BFGS")
     assert RelaxSettings(engine="auto", optimizer="BFGS").engine == "auto"  # auto falls back to ASE
+
+
+def test_mace_calculator_maps_to_torch_sims_wrapper(tmp_path, rattled):
+    """A tiny random MACE (built here, saved, loaded the cscflow way) relaxes alike batched."""
+    pytest.importorskip("mace")
+    from e3nn import o3
+    from mace import modules
+
+    torch.manual_seed(0)
+    mace = modules.MACE(
+        r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=1,
+        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+        num_interactions=1, num_elements=3, hidden_irreps=o3.Irreps("8x0e"),
+        MLP_irreps=o3.Irreps("8x0e"), atomic_energies=np.array([-1.9, -5.4, -4.1]),
+        avg_num_neighbors=10.0, atomic_numbers=[3, 15, 16], correlation=2,
+        gate=torch.nn.functional.silu,
+    ).double()
+    torch.save(mace, tmp_path / "tiny.model")
+    calc = get_calculator(ForceFieldSettings(backend="mace", model_path=tmp_path / "tiny.model"))
+    model = batched_model(calc, RelaxSettings(engine="torchsim"))
+    assert type(model).__name__ == "MaceModel"
+    structures = rattled[:2]
+    out = model(ts.initialize_state(structures, model.device, model.dtype))
+    ref = single_points(structures, calc)
+    for b, r in enumerate(ref):
+        assert float(out["energy"][b]) == pytest.approx(r["energy"], abs=1e-8)
+        np.testing.assert_allclose(out["stress"][b].numpy() / GPa, r["stress"], atol=1e-8)
+    cands = [_candidate(s, f"m-{i}") for i, s in enumerate(structures)]
+    seq = relax_candidates(cands, calc, RelaxSettings(engine="ase", steps=10), "mace", progress=False)
+    bat = relax_candidates(cands, calc, RelaxSettings(engine="torchsim", steps=10), "mace",
+                           progress=False)
+    for a, b in zip(seq, bat):
+        assert (a.status, a.reject_reason, a.relax_steps) == (b.status, b.reject_reason, b.relax_steps)
+        if a.status == "relaxed":
+            assert b.energy == pytest.approx(a.energy, abs=1e-6)

@@ -11,7 +11,8 @@ models that ``cscflow.forcefields.get_calculator`` already loaded (no second loa
 - ``CHGNetModel``: CHGNet's own batched forward (graphs per structure, one forward pass);
 - ``DeepMDModel``: DeePMD's batch API (``DeepPot.eval`` over frames of equal size,
   ``mixed_type``), one call per atom count in the batch;
-- MACE and MatterSim calculators map to torch-sim's own wrappers.
+- MACE and MatterSim calculators map to torch-sim's own wrappers (``MaceModel``,
+  ``MatterSimModel``); torch-sim 0.3.0's ``SevenNetModel`` does not import with sevenn 0.13.
 
 ``relax_structures`` drives torch-sim's FIRE (``frechet_cell_fire`` for the Fréchet cell
 filter, ``unit_cell_fire`` for ``exp``, ``fire`` for positions only) with the in-flight batcher
@@ -162,8 +163,19 @@ class DeepMDModel(ModelInterface):
 def torchsim_model(calculator) -> ModelInterface | None:
     """The torch-sim model behind an ASE calculator from cscflow.forcefields, or None.
 
-    None means "no batched path for this calculator" (e.g. a plain ASE potential).
+    None means "no batched path for this calculator": a plain ASE potential, or a torch-sim
+    wrapper that cannot be imported here (torch-sim 0.3.0's MatterSim wrapper needs
+    mattersim's torch_runstats; its SevenNet wrapper needs a sevenn older than 0.13, so
+    SevenNet calculators are not mapped).
     """
+    try:
+        return _torchsim_model(calculator)
+    except ImportError as exc:
+        logger.warning("no torch-sim model for %s: %s", type(calculator).__name__, exc)
+        return None
+
+
+def _torchsim_model(calculator) -> ModelInterface | None:
     name = type(calculator).__name__
     if name == "CHGNetCalculator":
         return CHGNetModel(calculator.model)

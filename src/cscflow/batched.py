@@ -310,6 +310,10 @@ def relax_structures(
         model=model,
         memory_scales_with=scales_with,
         max_memory_scaler=max_memory_scaler,
+        # the GPU memory probe grows a batch of copies of one structure until OOM or this
+        # bound, which torch-sim 0.3.0 compares with the number of copies: a job never holds
+        # more than its own structures (a shard), so probing beyond that is wasted time
+        max_atoms_to_try=len(initial) + 1,
         return_indices=True,
         max_memory_padding=0.9,
     )

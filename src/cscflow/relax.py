@@ -432,6 +432,7 @@ class RelaxShardMaker(Maker):
     collect_maker: RelaxCollectMaker = field(default_factory=RelaxCollectMaker)
 
     @job
+    @resumable  # on resume, a finished stage's collected output instead of a new fan-out
     def make(self, candidates: list[Candidate], model_path: str | None = None):
         from jobflow import Flow, Response
 

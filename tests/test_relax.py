@@ -12,9 +12,11 @@ from cscflow.forcefields import get_calculator, single_points
 from cscflow.relax import (
     RelaxMaker,
     RelaxOutput,
+    RelaxShardMaker,
     check_structure,
     min_interatomic_distance,
     relax_candidates,
+    shard_candidates,
 )
 from cscflow.schemas import Candidate, Provenance
 
@@ -179,3 +181,45 @@ def test_relax_maker_run_locally(lips_structures, tmp_path, monkeypatch):
     back = [Candidate.model_validate(c) if isinstance(c, dict) else c for c in stored["candidates"]]
     assert back[0].energy == pytest.approx(relaxed.energy)
     assert back[1].reject_reason == "overlap"
+
+
+def test_shard_candidates():
+    items = list(range(7))
+    assert shard_candidates(items, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert shard_candidates(items, 7) == [items] and shard_candidates([], 4) == []
+    with pytest.raises(ValueError, match="shard_size"):
+        shard_candidates(items, 0)
+
+
+def test_relaxing_in_shards_gives_the_same_candidates(lips_structures, rattled_li2s, tmp_path,
+                                                      monkeypatch):
+    """3 shard jobs + a collect (shard_size 2) give what one relax job gives, in order."""
+    from jobflow import Flow, JobStore, run_locally
+    from maggma.stores import MemoryStore
+
+    monkeypatch.chdir(tmp_path)
+    structures = [rattled_li2s, lips_structures["mp-1153"], _overlapping(),
+                  lips_structures["mp-736"], _exploded()]
+    cands = [_candidate(s, f"s-{i}") for i, s in enumerate(structures)]
+    settings = RelaxSettings(steps=10, shard_size=2)
+    one = RelaxMaker(settings=settings, progress=False).make(cands)
+    sharded = RelaxShardMaker(relax_maker=RelaxMaker(settings=settings, progress=False)).make(cands)
+    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
+    responses = run_locally(Flow([one, sharded]), store=store, ensure_success=True)
+    with store as s:
+        a = RelaxOutput.model_validate(s.get_output(one.uuid, load=True))
+        b = RelaxOutput.model_validate(s.get_output(sharded.uuid, load=True))
+    shard_jobs = [r[1].output for r in responses.values()
+                  if isinstance(r[1].output, RelaxOutput) and len(r[1].output.candidates) <= 2]
+    assert len(shard_jobs) == 3  # 2 + 2 + 1
+    assert [c.id for c in b.candidates] == [c.id for c in cands]
+    assert (b.n_relaxed, b.n_rejected, b.rejection_reasons) == (a.n_relaxed, a.n_rejected,
+                                                                a.rejection_reasons)
+    assert (a.n_relaxed, a.rejection_reasons) == (3, {"overlap": 1, "exploded": 1})
+    assert b.model == a.model == MODEL
+    for x, y in zip(a.candidates, b.candidates):
+        assert (x.status, x.reject_reason, x.relax_steps) == (y.status, y.reject_reason, y.relax_steps)
+        assert x.provenance == y.provenance
+        if x.status == "relaxed":
+            assert y.energy == pytest.approx(x.energy, abs=1e-6)
+            np.testing.assert_allclose(y.structure.cart_coords, x.structure.cart_coords, atol=1e-6)

@@ -171,16 +171,31 @@ class ForceFieldSettings(_Settings):
 
 
 class RelaxSettings(_Settings):
-    """Cell + positions relaxation with an ASE optimizer and a cell filter."""
+    """Cell + positions relaxation: an optimizer, a cell filter, an engine and reject gates."""
 
     optimizer: Literal["FIRE", "BFGS", "LBFGS"] = "FIRE"
     fmax: float = Field(0.05, gt=0, description="eV/Å")
     steps: int = Field(300, ge=1)
     cell_filter: Literal["frechet", "exp", "none"] = "frechet"
+    # ase: one structure at a time (atomate2's AseRelaxer); torchsim: batched FIRE on the
+    # model's device (torch-sim autobatching); auto: torchsim on a GPU when the model has a
+    # torch-sim wrapper and the optimizer is FIRE, else ase.
+    engine: Literal["ase", "torchsim", "auto"] = "auto"
+    # candidates per relax job when the stage fans out (cscflow.relax.RelaxShardMaker)
+    shard_size: int = Field(256, ge=1)
     # Sanity gates: a structure outside them is rejected and recorded, never crashes.
     min_interatomic_distance: float = Field(0.6, ge=0, description="Å")
     max_volume_per_atom: float = Field(150.0, gt=0, description="Å^3/atom")
     max_abs_energy_per_atom: float = Field(50.0, gt=0, description="eV/atom")
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> RelaxSettings:
+        if self.engine == "torchsim" and self.optimizer != "FIRE":
+            raise ValueError(
+                f"relax.engine 'torchsim' runs FIRE only (torch-sim 0.3.0): set relax.optimizer "
+                f"to FIRE or relax.engine to ase (got optimizer {self.optimizer!r})"
+            )
+        return self
 
 
 class ScoreSettings(_Settings):

@@ -81,7 +81,7 @@ def test_iteration_document(lips_structures, frames):
     assert doc.entropy_candidates is not None and doc.entropy_candidates > 0
 
 
-def test_dh_dn_along_the_delta_h_ranking(lips_structures, frames):
+def test_dh_dn_along_the_delta_h_ranking(lips_structures, frames, tmp_path):
     """Without a train output, evaluate ranks the pool itself: dH/dN is the increase of H
     (eq. 1, quests) per added frame along the greedy δH ranking, vs N_train (Fig. 3a)."""
     cands = [_cand(lips_structures["mp-1153"], "a", {"e_hull": 0.0}, 0.0)]
@@ -95,6 +95,10 @@ def test_dh_dn_along_the_delta_h_ranking(lips_structures, frames):
     assert [p[1] for p in doc.dh_dn_curve] == pytest.approx(h, rel=1e-9, abs=1e-12)
     assert [p[2] for p in doc.dh_dn_curve[1:]] == pytest.approx([h[1] - h[0], h[2] - h[1]], rel=1e-9)
     assert doc.dh_dn == pytest.approx(h[2] - h[1], rel=1e-9) and doc.n_train == 3
+    # Fig. 3a's upper panel is drawn from the stored curve
+    from cscflow.analysis.figures import plot_dh_dn_vs_ntrain
+
+    assert plot_dh_dn_vs_ntrain({1: doc.dh_dn_curve}, tmp_path / "dhdn.png").stat().st_size > 1000
     # a window averages the last frames: (H_3 - H_1) / 2
     wide = evaluate_iteration(1, cands, [], [frames], None, [], training=training,
                               convergence=ConvergenceSettings(dh_dn_window=5))

@@ -63,6 +63,19 @@ def test_h_and_delta_h_are_quests_functions(desc):
         delta_entropy(desc[LI2S], x[:, :10])
 
 
+def test_torch_kernels_path_gives_the_same_numbers(desc):
+    """The quests.gpu path (used on CUDA) run on the CPU: same H, δH and ranking."""
+    frames = [desc[i] for i in IDS]
+    x = stack_descriptors(frames[:3])
+    assert entropy(x, H, device="torch-cpu") == pytest.approx(entropy(x, H, device="cpu"), rel=1e-9)
+    np.testing.assert_allclose(
+        delta_entropy(frames[3], x, H, device="torch-cpu"), delta_entropy(frames[3], x, H, device="cpu"), rtol=1e-9
+    )
+    a = greedy_entropy_ranking(frames, bandwidth=H, device="torch-cpu")
+    b = greedy_entropy_ranking(frames, bandwidth=H, device="cpu")
+    assert a.order == b.order and np.allclose(a.entropy, b.entropy, rtol=1e-9)
+
+
 def test_greedy_ranking_recomputes_delta_h_against_the_chosen_set(desc):
     frames = [desc[i] for i in IDS]
     ranking = greedy_entropy_ranking(frames, bandwidth=H, device="cpu")

@@ -155,7 +155,10 @@ def _check_bandwidth(h: float) -> None:
 
 # --------------------------------------------------------------------------- kernels
 def resolve_device(device: str | None = "auto") -> str:
-    """'cuda' when asked for or ('auto') when torch sees a GPU, else 'cpu' (numba)."""
+    """'cuda' when asked for or ('auto') when torch sees a GPU, else 'cpu' (numba).
+
+    'torch-cpu' runs QUESTS' torch (GPU) kernels on the CPU: a check of that path without a GPU.
+    """
     if device in (None, "auto"):
         try:
             import torch
@@ -163,9 +166,14 @@ def resolve_device(device: str | None = "auto") -> str:
             return "cuda" if torch.cuda.is_available() else "cpu"
         except ImportError:  # pragma: no cover - torch is a core dependency
             return "cpu"
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"entropy device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device not in ("cpu", "cuda", "torch-cpu") and not str(device).startswith("cuda:"):
+        raise ValueError(f"entropy device must be 'auto', 'cpu', 'cuda' or 'torch-cpu', got {device!r}")
     return device
+
+
+def _torch_device(device: str) -> str | None:
+    """The torch device of QUESTS' GPU kernels, None for the numba CPU kernels."""
+    return None if device == "cpu" else "cpu" if device == "torch-cpu" else device
 
 
 class _Kernels:
@@ -175,11 +183,12 @@ class _Kernels:
         _check_bandwidth(bandwidth)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.h, self.batch_size, self.device = bandwidth, int(batch_size), resolve_device(device)
+        self.h, self.batch_size = bandwidth, int(batch_size)
+        self.device = _torch_device(resolve_device(device))
 
     @property
     def gpu(self) -> bool:
-        return self.device != "cpu"
+        return self.device is not None
 
     def put(self, x: np.ndarray):
         if not self.gpu:
@@ -230,12 +239,11 @@ def entropy(
     x = _check_matrix(x, "x")
     if len(x) == 0:
         return 0.0
-    device = resolve_device(device)
-    if device != "cpu":
+    kern = _Kernels(bandwidth, batch_size, device)
+    if kern.gpu:
         from quests.gpu.entropy import entropy as gpu_entropy
 
-        xt = _Kernels(bandwidth, batch_size, device).put(x)
-        return float(gpu_entropy(xt, h=bandwidth, batch_size=batch_size, device=device))
+        return float(gpu_entropy(kern.put(x), h=bandwidth, batch_size=batch_size, device=kern.device))
     from quests.entropy import entropy as quests_entropy
 
     return float(quests_entropy(x, h=bandwidth, batch_size=batch_size))
@@ -292,13 +300,12 @@ def delta_entropy(
         return np.zeros(0)
     if len(x) == 0:
         return np.full(len(y), np.inf)
-    device = resolve_device(device)
+    kern = _Kernels(bandwidth, batch_size, device)
     with np.errstate(divide="ignore"):
-        if device != "cpu":
+        if kern.gpu:
             from quests.gpu.entropy import delta_entropy as gpu_delta
 
-            kern = _Kernels(bandwidth, batch_size, device)
-            return gpu_delta(kern.put(y), kern.put(x), h=bandwidth, batch_size=batch_size, device=device).numpy()
+            return gpu_delta(kern.put(y), kern.put(x), h=bandwidth, batch_size=batch_size, device=kern.device).numpy()
         from quests.entropy import delta_entropy as quests_delta
 
         return np.asarray(quests_delta(y, x, h=bandwidth, batch_size=batch_size))

@@ -208,6 +208,14 @@ def test_split_follows_iterations(frames):
     assert len(early.test) == 20 and not early.random_holdout
 
 
+def test_previous_training_frames_stay_in_training(frames):
+    pool_02 = [f for f in frames if f.provenance.iteration <= 2]
+    first = split_frames(pool_02[:10], n_train=4, train_iterations_max=2, device="cpu")
+    grown = split_frames(pool_02, n_train=6, train_iterations_max=2, device="cpu", previous_train_ids=first.train_ids)
+    assert grown.train_ids[:4] == first.train_ids and len(grown.train) == 6
+    assert not set(first.train_ids) & set(grown.test_ids)
+
+
 def test_holdout_is_stable_as_the_pool_grows(frames):
     """When no later iteration exists yet, a seeded per-frame holdout: the same frames stay
     out as iterations are added, so RMSEs of successive iterations share their test frames."""

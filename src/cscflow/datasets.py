@@ -296,6 +296,7 @@ def split_frames(
     *,
     cache: DescriptorCache | None = None,
     device: str | None = "auto",
+    previous_train_ids: Sequence[str] = (),
 ) -> DatasetSplit:
     """Paper split (Methods 4.3), one definition for every iteration and model.
 
@@ -306,6 +307,8 @@ def split_frames(
     be empty (no later iteration yet and the whole pool fits in `n_train`) is a
     `test_fraction` of the pool held out, by a seeded hash of each frame id, so a frame
     held out once stays held out in every later iteration with the same seed.
+    `previous_train_ids` (the last iteration's ``train_frame_ids``) are ranked first, so a
+    model fine-tuned on them is never tested on them; the greedy ranking continues from them.
     """
     frames = flatten_frames(list(frames))
     if not frames:
@@ -339,7 +342,9 @@ def split_frames(
     desc = structure_descriptors(
         [f.structure for f in pool], k=k, cutoff=cutoff, keys=[f.frame_id for f in pool], cache=cache
     )
-    ranking = greedy_entropy_ranking(desc, n_train, bandwidth=bandwidth, device=device)
+    index = {f.frame_id: i for i, f in enumerate(pool)}
+    start = [index[i] for i in previous_train_ids if i in index]
+    ranking = greedy_entropy_ranking(desc, n_train, bandwidth=bandwidth, device=device, start=start)
     chosen = set(ranking.order)
     return DatasetSplit(
         train=[pool[i] for i in ranking.order],

@@ -395,6 +395,7 @@ def greedy_entropy_ranking(
     reference: np.ndarray | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | None = "auto",
+    start: Sequence[int] = (),
 ) -> EntropyRanking:
     """Training set built one frame at a time by largest δH against the set chosen so far.
 
@@ -403,6 +404,8 @@ def greedy_entropy_ranking(
     (cost: pool environments × the new frame's environments per pick; memory O(pool)).
     Ties (e.g. the first pick, when every δH is the cap) go to the frame with the highest
     own H (QUESTS' msc starts the same way), then the lower index. `n_select` None: all.
+    `start`: frames taken first, in that order (e.g. last iteration's training set, so a
+    fine-tuned model's training frames stay training frames); greedy continues from them.
     """
     n_pool = len(descriptors)
     n_select = n_pool if n_select is None else min(int(n_select), n_pool)
@@ -413,11 +416,16 @@ def greedy_entropy_ranking(
     acc = _Accumulator(descriptors, kern, reference)
     own_h = np.array([entropy(np.asarray(x), bandwidth, batch_size, "cpu") for x in descriptors])
     remaining = np.ones(n_pool, dtype=bool)
-    for _ in range(n_select):
+    forced = list(dict.fromkeys(int(i) for i in start))
+    if any(not 0 <= i < n_pool for i in forced):
+        raise ValueError(f"start indices must be in 0..{n_pool - 1}")
+    for n in range(n_select):
         score = acc.scores()
         score[~remaining] = -np.inf
         best = np.flatnonzero(score == score.max())
         i = int(best[np.argmax(own_h[best])]) if len(best) > 1 else int(best[0])
+        if n < len(forced):
+            i = forced[n]
         ranking.order.append(i)
         ranking.delta_entropy.append(float(score[i]))
         remaining[i] = False

@@ -154,10 +154,9 @@ def main(argv=None) -> int:
         row.update(greedy_frames=n_sel, greedy_envs=n_sel_env, greedy_s=round(sec, 2), greedy_extra_mb=round(extra))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if len(rows) > 1:
-        a, b = rows[0], rows[-1]
+    for a, b in zip(rows, rows[1:]):  # growth between consecutive sizes, same run
         ratio = b["environments"] / a["environments"]
-        for key in ("H_est_s", "dH_s", "greedy_s"):
+        for key in ("descriptors_s", "H_est_s", "dH_s", "greedy_s"):
             if a[key] > 0:
                 print(f"{key}: x{b[key] / a[key]:.1f} for x{ratio:.0f} environments "
                       f"(exponent {np.log(max(b[key], 1e-9) / a[key]) / np.log(ratio):.2f})")

@@ -270,10 +270,12 @@ class TrainingSettings(_Settings):
     backend: Literal["deepmd", "none"] = "deepmd"
     pretrained: Path | None = None
     model_branch: str | None = None
-    n_train: int = Field(4050, ge=1, description="top-N frames by entropy gain")
-    test_fraction: float = Field(0.1, ge=0, lt=1)
+    n_train: int = Field(4050, ge=1, description="top-N frames of the greedy δH ranking (datasets.split_frames)")
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="seeded per-frame holdout, only when the paper rule leaves no test frame"
+    )
     # Paper: the training pool is iterations 0-3; later iterations are test-only.
-    train_iterations_max: int = Field(3, ge=0)
+    train_iterations_max: int = Field(3, ge=0, description="last iteration whose frames may be trained on")
     # Paper: ~50 epochs (~50 x N_train steps); numb_steps overrides when set.
     epochs: float = Field(50.0, gt=0)
     numb_steps: int | None = Field(None, ge=1)

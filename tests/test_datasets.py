@@ -158,42 +158,76 @@ def test_flatten_rejects_garbage():
         flatten_frames([1, 2])
 
 
-def test_greedy_ranking_skips_duplicates():
-    """A copy of an already-picked structure adds no information: it must come last."""
-    rng = np.random.default_rng(0)
-    a = rng.normal(0, 1, (6, 4))
-    b = rng.normal(5, 1, (6, 4))
-    c = rng.normal(-5, 1, (6, 4))
-    order, gains = greedy_entropy_ranking([a, a.copy(), b, c], 4, bandwidth=0.5, block=1)
-    assert sorted(order) == [0, 1, 2, 3]
-    assert order[-1] in (0, 1) and set(order[:3]) >= {2, 3}
-    assert gains[-1] < min(gains[1:3])
-    # blocks give the same choice when gains are well separated
-    order_b, _ = greedy_entropy_ranking([a, a.copy(), b, c], 3, bandwidth=0.5, block=2)
-    assert set(order_b) == set(order[:3])
+def _siblings(n_candidates=30, per_candidate=(2, 3), envs=4, seed=0):
+    """Candidates far apart; each candidate's frames are near-identical copies of it."""
+    rng = np.random.default_rng(seed)
+    descriptors, owner = [], []
+    for c in range(n_candidates):
+        centre = rng.normal(0, 5, (envs, 4))
+        for _ in range(per_candidate[c % len(per_candidate)]):
+            descriptors.append(centre + rng.normal(0, 0.01, centre.shape))
+            owner.append(c)
+    return descriptors, owner
+
+
+def test_greedy_ranking_never_takes_a_sibling_while_a_new_candidate_remains():
+    descriptors, owner = _siblings()
+    ranking = greedy_entropy_ranking(descriptors, 60, bandwidth=0.5, device="cpu")
+    seen: set[int] = set()
+    for n, i in enumerate(ranking.order):
+        if owner[i] in seen:  # a second frame of a candidate ...
+            assert len(seen) == len(set(owner)), f"pick {n} repeats a candidate while others remain"
+        seen.add(owner[i])
+    assert len(set(owner[i] for i in ranking.order[:30])) == 30
+    # a sibling adds (almost) nothing: δH of the 31st pick is far below that of the 30th
+    assert ranking.delta_entropy[30] < ranking.delta_entropy[29] - 1.0
+    # H grows (dH/dN > 0) while new candidates come in, then siblings leave it ~flat
+    h = ranking.entropy
+    assert all(r > 0 for r in ranking.dh_dn()[1:30])
+    assert abs(h[-1] - h[29]) < 0.1 * (h[29] - h[0])
 
 
 def test_split_follows_iterations(frames):
     # pool: iterations 0-2 (15 frames), top 6 by δH train; the rest + iterations 3-4 test
-    split = split_frames(frames, n_train=6, train_iterations_max=2, seed=1)
+    split = split_frames(frames, n_train=6, train_iterations_max=2, seed=1, device="cpu")
     assert len(split.train) == 6 and len(split.test) == len(frames) - 6
     assert all(f.provenance.iteration <= 2 for f in split.train)
     later = {f.frame_id for f in frames if f.provenance.iteration > 2}
-    assert later <= set(split.test_ids)
+    pool_unselected = {f.frame_id for f in frames if f.provenance.iteration <= 2} - set(split.train_ids)
+    assert set(split.test_ids) == later | pool_unselected
     assert not set(split.train_ids) & set(split.test_ids)
     assert not split.random_holdout and split.n_pool == 15
     # entropy ranking spreads picks over compositions instead of five copies of one
     assert len({f.structure.composition.reduced_formula for f in split.train}) >= 4
-    again = split_frames(frames, n_train=6, train_iterations_max=2, seed=1)
+    assert len(split.train_entropy) == 6 and split.train_entropy[-1] > split.train_entropy[0]
+    again = split_frames(frames, n_train=6, train_iterations_max=2, seed=1, device="cpu")
     assert again.train_ids == split.train_ids
+    # the last training iteration is a setting: with 0, iterations 1-4 are all test
+    early = split_frames(frames, n_train=6, train_iterations_max=0, seed=1, device="cpu")
+    assert {f.provenance.iteration for f in early.train} == {0} and len(early.train) == 5
+    assert len(early.test) == 20 and not early.random_holdout
 
 
-def test_split_random_holdout_when_no_test(frames):
-    split = split_frames(frames, n_train=1000, train_iterations_max=10, test_fraction=0.2, seed=3)
-    assert split.random_holdout and len(split.test) == 5 and len(split.train) == 20
-    other = split_frames(frames, n_train=1000, train_iterations_max=10, test_fraction=0.2, seed=4)
-    assert other.test_ids != split.test_ids  # seeded, not fixed
-    none = split_frames(frames, n_train=1000, train_iterations_max=10, test_fraction=0.0)
+def test_previous_training_frames_stay_in_training(frames):
+    pool_02 = [f for f in frames if f.provenance.iteration <= 2]
+    first = split_frames(pool_02[:10], n_train=4, train_iterations_max=2, device="cpu")
+    grown = split_frames(pool_02, n_train=6, train_iterations_max=2, device="cpu", previous_train_ids=first.train_ids)
+    assert grown.train_ids[:4] == first.train_ids and len(grown.train) == 6
+    assert not set(first.train_ids) & set(grown.test_ids)
+
+
+def test_holdout_is_stable_as_the_pool_grows(frames):
+    """When no later iteration exists yet, a seeded per-frame holdout: the same frames stay
+    out as iterations are added, so RMSEs of successive iterations share their test frames."""
+    kw = dict(n_train=1000, train_iterations_max=10, test_fraction=0.3, seed=3, device="cpu")
+    small = split_frames([f for f in frames if f.provenance.iteration <= 2], **kw)
+    big = split_frames(frames, **kw)
+    assert small.random_holdout and big.random_holdout and small.test
+    assert set(small.test_ids) == {i for i in big.test_ids if int(i.rsplit("-", 1)[1]) <= 2}
+    assert len(big.train) + len(big.test) == len(frames)
+    other = split_frames(frames, **{**kw, "seed": 4})
+    assert other.test_ids != big.test_ids  # seeded, not fixed
+    none = split_frames(frames, **{**kw, "test_fraction": 0.0})
     assert none.test == [] and len(none.train) == len(frames)
 
 

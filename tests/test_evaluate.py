@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cscflow.config import ConvergenceSettings, SelectionSettings
-from cscflow.entropy import dataset_entropy, stack_descriptors, structure_descriptors
+from quests.entropy import entropy as quests_entropy
+
+from cscflow.config import ConvergenceSettings, SelectionSettings, TrainingSettings
+from cscflow.datasets import split_frames
+from cscflow.entropy import stack_descriptors, structure_descriptors
 from cscflow.evaluate import EvaluateMaker, condition_key, evaluate_iteration, should_stop
 from cscflow.schemas import Candidate, Frame, IterationDocument, Provenance
 from cscflow.train import TrainOutput
@@ -68,26 +71,38 @@ def test_iteration_document(lips_structures, frames):
     assert doc.e_hull_by_condition == {"0.0": [-0.01, 0.02], "0.03": [0.2]}
     assert doc.sun_ratio == pytest.approx(1 / 5) and doc.stable_ratio == pytest.approx(2 / 5)
     assert doc.energy_rmse == 0.01 and doc.model_path == "/m.pth"
-    # training pool = all three labelled frames (not the train split); QUESTS' H of their environments
-    x = stack_descriptors(structure_descriptors([f.structure for f in frames]))
-    assert doc.entropy_training == pytest.approx(dataset_entropy(x), rel=1e-9)
+    # H of the training set the train stage used, in its ranking order, all environments
+    f0, f2 = (stack_descriptors(structure_descriptors([f.structure])) for f in (frames[0], frames[2]))
+    h1, h2 = float(quests_entropy(f0)), float(quests_entropy(stack_descriptors([f0, f2])))
+    assert doc.n_train == 2 and doc.entropy_training == pytest.approx(h2, rel=1e-9)
+    assert doc.dh_dn == pytest.approx(h2 - h1, rel=1e-9)
+    assert [p[0] for p in doc.dh_dn_curve] == [1, 2] and doc.dh_dn_curve[0][2] is None
     assert doc.entropy_gain == pytest.approx(doc.entropy_training - prev.entropy_training)
-    assert doc.dh_dn == pytest.approx(doc.entropy_gain / 2)
     assert doc.entropy_candidates is not None and doc.entropy_candidates > 0
 
 
-def test_entropy_rises_when_a_different_structure_is_added(lips_structures, frames):
+def test_dh_dn_along_the_delta_h_ranking(lips_structures, frames, tmp_path):
+    """Without a train output, evaluate ranks the pool itself: dH/dN is the increase of H
+    (eq. 1, quests) per added frame along the greedy δH ranking, vs N_train (Fig. 3a)."""
     cands = [_cand(lips_structures["mp-1153"], "a", {"e_hull": 0.0}, 0.0)]
-    first = evaluate_iteration(1, cands, [], [frames[:1]], None, [])
-    assert first.dh_dn is None and first.entropy_gain is None and first.n_train_total == 1
-    second = evaluate_iteration(2, cands, [], [frames[:1], frames[1:2]], None, [first])
-    assert second.entropy_gain > 0.5
-    assert second.dh_dn == pytest.approx(second.entropy_gain)
-    assert second.energy_rmse is None and second.model_path is None
-    # same frames again: nothing added, no dH/dN
-    third = evaluate_iteration(3, cands, [], [frames[:1], frames[1:2]], None, [first, second])
-    # No new frames: nothing is said about saturation.
-    assert third.dh_dn is None and third.entropy_gain is None
+    training = TrainingSettings(n_train=3, train_iterations_max=1, test_fraction=0.0)
+    conv = ConvergenceSettings(dh_dn_window=1)
+    doc = evaluate_iteration(1, cands, [], [frames], None, [], training=training, convergence=conv)
+    split = split_frames(frames, n_train=3, train_iterations_max=1, test_fraction=0.0, device="cpu")
+    desc = [stack_descriptors(structure_descriptors([f.structure])) for f in split.train]
+    h = [float(quests_entropy(stack_descriptors(desc[: n + 1]))) for n in range(3)]
+    assert [p[0] for p in doc.dh_dn_curve] == [1, 2, 3]
+    assert [p[1] for p in doc.dh_dn_curve] == pytest.approx(h, rel=1e-9, abs=1e-12)
+    assert [p[2] for p in doc.dh_dn_curve[1:]] == pytest.approx([h[1] - h[0], h[2] - h[1]], rel=1e-9)
+    assert doc.dh_dn == pytest.approx(h[2] - h[1], rel=1e-9) and doc.n_train == 3
+    # Fig. 3a's upper panel is drawn from the stored curve
+    from cscflow.analysis.figures import plot_dh_dn_vs_ntrain
+
+    assert plot_dh_dn_vs_ntrain({1: doc.dh_dn_curve}, tmp_path / "dhdn.png").stat().st_size > 1000
+    # a window averages the last frames: (H_3 - H_1) / 2
+    wide = evaluate_iteration(1, cands, [], [frames], None, [], training=training,
+                              convergence=ConvergenceSettings(dh_dn_window=5))
+    assert wide.dh_dn == pytest.approx((h[2] - h[0]) / 2, rel=1e-9)
 
 
 def test_evaluate_maker_in_jobflow(lips_structures, frames):
@@ -122,3 +137,13 @@ def test_should_stop():
     assert should_stop([_doc(4), _doc(5, 0.1, 0.5)], conv) == "max_iterations (5) reached"
     # a negative dH/dN (entropy fell) is saturation too
     assert "saturated" in should_stop([_doc(1), _doc(2, -1e-3, -0.2)], conv)
+
+
+def test_paper_thresholds():
+    """1e-3 for pre-screening, 1e-4 for accurate models (the default)."""
+    history = [_doc(1, 5e-4, 0.5)]
+    assert ConvergenceSettings().threshold == 1e-4
+    assert should_stop(history, ConvergenceSettings(max_iterations=9)) is None
+    screening = ConvergenceSettings(max_iterations=9, target="pre-screening")
+    assert screening.threshold == 1e-3 and "(pre-screening)" in should_stop(history, screening)
+    assert "saturated" in should_stop([_doc(1, 5e-5, 0.5)], ConvergenceSettings(max_iterations=9))

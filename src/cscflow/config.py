@@ -222,14 +222,21 @@ def _paper_bins() -> list[EhullBin]:
 
 
 class SelectionSettings(_Settings):
-    """E_hull-binned quotas, ranked inside each bin by information-entropy gain."""
+    """Which candidates go to DFT: E_hull bins with quotas (paper Methods 4.2), random inside
+    a bin (seeded) by default; entropy ranks the labelled *frames* for training (Methods 4.3).
+    The entropy_* fields are the QUESTS settings every entropy stage uses."""
 
     bins: list[EhullBin] = Field(default_factory=_paper_bins)
     quota_scale: float = Field(1.0, gt=0)
     only_sun: bool = True
+    within_bin: Literal["random", "entropy"] = Field(
+        "random", description="order inside a bin: seeded random (paper) or greedy δH (option)"
+    )
     entropy_cutoff: float = Field(5.0, gt=0, description="QUESTS descriptor cutoff, Å")
     entropy_k: int = Field(32, ge=1, description="QUESTS neighbours")
     bandwidth: float = Field(0.015, gt=0, description="QUESTS kernel bandwidth")
+    entropy_device: str = Field("auto", description="'auto' (CUDA via quests.gpu when torch sees a GPU), 'cpu', 'cuda'")
+    entropy_batch_size: int = Field(2000, ge=1, description="rows per QUESTS kernel block (memory ~ batch² × 8 B)")
 
 
 class CP2KSettings(_Settings):
@@ -278,10 +285,12 @@ class TrainingSettings(_Settings):
     backend: Literal["deepmd", "none"] = "deepmd"
     pretrained: Path | None = None
     model_branch: str | None = None
-    n_train: int = Field(4050, ge=1, description="top-N frames by entropy gain")
-    test_fraction: float = Field(0.1, ge=0, lt=1)
+    n_train: int = Field(4050, ge=1, description="top-N frames of the greedy δH ranking (datasets.split_frames)")
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="seeded per-frame holdout, only when the paper rule leaves no test frame"
+    )
     # Paper: the training pool is iterations 0-3; later iterations are test-only.
-    train_iterations_max: int = Field(3, ge=0)
+    train_iterations_max: int = Field(3, ge=0, description="last iteration whose frames may be trained on")
     # Paper: ~50 epochs (~50 x N_train steps); numb_steps overrides when set.
     epochs: float = Field(50.0, gt=0)
     numb_steps: int | None = Field(None, ge=1)
@@ -311,14 +320,28 @@ class TrainingSettings(_Settings):
         return _existing_file(value, "training.pretrained")
 
 
+DH_DN_THRESHOLDS = {"pre-screening": 1e-3, "accurate": 1e-4}
+
+
 class ConvergenceSettings(_Settings):
-    """When the loop stops: entropy saturation or max_iterations."""
+    """When the loop stops: dH/dN saturation (Fig. 3a) or max_iterations.
+
+    dH/dN is the increase of H of the training set per added frame along the δH ranking,
+    at N = N_train, averaged over the last `dh_dn_window` frames. Paper: dH/dN < 1e-3 is
+    enough for pre-screening, < 1e-4 for accurate models (`target`); `dh_dn_threshold`
+    overrides the target's value when set.
+    """
 
     max_iterations: int = Field(3, ge=1)
-    # Paper: dH/dN < 1e-3 is enough for pre-screening, 1e-4 for accurate models.
-    dh_dn_threshold: float = Field(1e-3, ge=0)
+    target: Literal["pre-screening", "accurate"] = "accurate"
+    dh_dn_threshold: float | None = Field(None, ge=0, description="None: the target's paper value")
+    dh_dn_window: int = Field(10, ge=1, description="frames over which dH/dN is averaged")
     entropy_gain_epsilon: float = Field(0.0, ge=0)
     min_iterations: int = Field(1, ge=1)
+
+    @property
+    def threshold(self) -> float:
+        return DH_DN_THRESHOLDS[self.target] if self.dh_dn_threshold is None else self.dh_dn_threshold
 
 
 class StoreSettings(_Settings):

@@ -5,9 +5,9 @@ Units follow ``cscflow.schemas``: energies eV, forces eV/Å, stress GPa with ASE
 (stress in eV/Å^3), the same conversion dpdata's ASE plugin uses.
 
 The split follows paper 000 (Methods 4.3): the training pool is every frame from
-iterations ``<= train_iterations_max``; pool frames are ranked greedily by information
-entropy gain (δH, QUESTS) and the top ``n_train`` are trained on; the unselected pool
-frames plus all later iterations are the test set.
+iterations ``<= train_iterations_max``; pool frames are ranked greedily by δH (eq. 2,
+QUESTS, recomputed against the set chosen so far) and the top ``n_train`` are trained on;
+the unselected pool frames plus all later iterations are the test set.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+from cscflow.entropy import DescriptorCache, greedy_entropy_ranking, structure_descriptors
 from cscflow.schemas import Frame
 
 __all__ = [
@@ -247,100 +248,30 @@ def read_extxyz_frames(path: str | Path, key_prefix: str = "") -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------- δH ranking
-def _descriptors(frames: Sequence[Frame], k: int, cutoff: float) -> list[np.ndarray]:
-    """Per-frame QUESTS environment descriptors (n_atoms, d) via cscflow.entropy."""
-    from cscflow.entropy import structure_descriptors
-
-    return [np.asarray(x, dtype=float) for x in structure_descriptors([f.structure for f in frames], k=k, cutoff=cutoff)]
-
-
-def greedy_entropy_ranking(
-    descriptors: Sequence[np.ndarray],
-    n_select: int,
-    bandwidth: float = 0.015,
-    reference: np.ndarray | None = None,
-    block: int | None = None,
-    seed: int = 0,
-    batch_size: int = 20000,
-) -> tuple[list[int], list[float]]:
-    """Pick `n_select` structures greedily by entropy gain; return (indices, δH at pick).
-
-    A structure's gain is the mean over its environments y of
-    ``δH(y | X) = -log Σ_x K_h(y, x)`` (paper eq. 2, QUESTS' kernel) against the reference
-    X = `reference` plus everything picked so far. Kernel sums are kept per pool
-    environment and updated incrementally: adding a block only costs the kernel between
-    the pool and the new block's environments. Total work is O(A_pool · A_sel · d) kernel
-    evaluations (A = environments, d = descriptor length), memory O(A_pool) plus one
-    kernel batch: one pass over the pool per picked environment, never a pool×pool
-    matrix. `block` structures are taken per round (default ~1/50 of `n_select`, so at
-    most ~50 rounds); block=1 is exact one-at-a-time greedy. With an empty reference the
-    first pick is the structure whose environments are rarest in a seeded sample of at
-    most 2000 pool environments.
-    """
-    from quests.entropy import kernel_sum
-
-    n_pool = len(descriptors)
-    if n_select <= 0 or n_pool == 0:
-        return [], []
-    n_select = min(n_select, n_pool)
-    if block is None:
-        block = max(1, int(np.ceil(n_select / 50)))
-    sizes = np.array([len(x) for x in descriptors])
-    if np.any(sizes == 0):
-        raise ValueError("a structure has no environments (empty descriptor array)")
-    owner = np.repeat(np.arange(n_pool), sizes)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    pool = np.ascontiguousarray(np.concatenate(descriptors, axis=0), dtype=np.float64)
-    ksum = np.zeros(len(pool))
-    if reference is not None and len(reference):
-        ksum += kernel_sum(pool, np.ascontiguousarray(reference, dtype=np.float64), h=bandwidth, batch_size=batch_size)
-    remaining = np.ones(n_pool, dtype=bool)
-    chosen: list[int] = []
-    gains: list[float] = []
-
-    def structure_gain(ks: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore"):
-            dh = -np.log(ks)  # +inf where no reference environment is near
-        dh = np.minimum(dh, 1e6)
-        return np.bincount(owner, weights=dh, minlength=n_pool) / sizes
-
-    if not np.any(ksum > 0):
-        rng = np.random.default_rng(seed)
-        sample = pool[rng.choice(len(pool), size=min(2000, len(pool)), replace=False)]
-        first = structure_gain(kernel_sum(pool, sample, h=bandwidth, batch_size=batch_size))
-        i = int(np.argmax(first))
-        chosen.append(i)
-        gains.append(float("inf"))
-        remaining[i] = False
-        ksum += kernel_sum(pool, pool[starts[i] : starts[i + 1]], h=bandwidth, batch_size=batch_size)
-
-    while len(chosen) < n_select:
-        gain = structure_gain(ksum)
-        gain[~remaining] = -np.inf
-        take = min(block, n_select - len(chosen))
-        # stable sort on -gain: ties go to the lower index, so the ranking is reproducible
-        picked = np.argsort(-gain, kind="stable")[:take]
-        new_envs = []
-        for i in picked:
-            chosen.append(int(i))
-            gains.append(float(gain[i]))
-            remaining[i] = False
-            new_envs.append(pool[starts[i] : starts[i + 1]])
-        if len(chosen) < n_select:
-            ksum += kernel_sum(pool, np.ascontiguousarray(np.concatenate(new_envs)), h=bandwidth, batch_size=batch_size)
-    return chosen, gains
-
-
 # --------------------------------------------------------------------------- split
+def _hash_rank(frame_id: str, seed: int) -> int:
+    """A seeded 64-bit hash of a frame id: a per-frame coin that never changes."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{frame_id}".encode(), digest_size=8).digest(), "big")
+
+
+def _held_out(frame_id: str, seed: int, fraction: float) -> bool:
+    """The same frame is held out in every iteration for one seed."""
+    return _hash_rank(frame_id, seed) / 2**64 < fraction
+
+
 class DatasetSplit(BaseModel):
-    """Which frames train and which test, and why."""
+    """Which frames train and which test, and why; `ranking` is the δH ranking of the pool."""
 
     train: list[Frame]
     test: list[Frame]
-    train_gains: list[float] = Field(default_factory=list, description="δH of each training frame when picked")
+    train_gains: list[float] = Field(default_factory=list, description="δH score of each training frame when picked")
+    train_entropy: list[float] = Field(
+        default_factory=list, description="H (eq. 1, all environments) of the first N training frames, N = 1.."
+    )
     n_pool: int = 0
-    random_holdout: bool = Field(False, description="test set drawn at random from the pool")
+    random_holdout: bool = Field(False, description="test set is a seeded per-frame holdout of the pool")
 
     model_config = {"arbitrary_types_allowed": True}
 
@@ -362,12 +293,22 @@ def split_frames(
     k: int = 32,
     cutoff: float = 5.0,
     bandwidth: float = 0.015,
-    block: int | None = None,
+    *,
+    cache: DescriptorCache | None = None,
+    device: str | None = "auto",
+    previous_train_ids: Sequence[str] = (),
 ) -> DatasetSplit:
-    """Paper split: top-`n_train` δH frames of iterations <= max train; the rest test.
+    """Paper split (Methods 4.3), one definition for every iteration and model.
 
-    When that leaves no test frame (all frames are in the pool and all fit in n_train),
-    `test_fraction` of the pool is held out at random (seeded) before ranking.
+    Pool = frames of iterations <= `train_iterations_max` (the last training iteration).
+    Train = the first `n_train` pool frames of the greedy δH ranking
+    (:func:`cscflow.entropy.greedy_entropy_ranking`, all environments). Test = the pool
+    frames not trained on + every frame of a later iteration. Only when that test set would
+    be empty (no later iteration yet and the whole pool fits in `n_train`) is a
+    `test_fraction` of the pool held out, by a seeded hash of each frame id, so a frame
+    held out once stays held out in every later iteration with the same seed.
+    `previous_train_ids` (the last iteration's ``train_frame_ids``) are ranked first, so a
+    model fine-tuned on them is never tested on them; the greedy ranking continues from them.
     """
     frames = flatten_frames(list(frames))
     if not frames:
@@ -385,28 +326,32 @@ def split_frames(
             f"no frames from iterations <= train_iterations_max={train_iterations_max}: "
             "nothing to train on"
         )
+    n_pool = len(pool)
     held_out: list[Frame] = []
     random_holdout = False
     if not later and n_train >= len(pool) and test_fraction > 0 and len(pool) > 1:
-        rng = np.random.default_rng([seed, len(pool)])
-        n_test = min(len(pool) - 1, max(1, int(round(test_fraction * len(pool)))))
-        out = set(rng.choice(len(pool), size=n_test, replace=False).tolist())
-        held_out = [f for i, f in enumerate(pool) if i in out]
-        pool = [f for i, f in enumerate(pool) if i not in out]
+        held_out = [f for f in pool if _held_out(f.frame_id, seed, test_fraction)]
+        if not held_out:  # tiny pools: hold out the frame with the smallest hash
+            held_out = [min(pool, key=lambda f: _hash_rank(f.frame_id, seed))]
+        if len(held_out) == len(pool):
+            held_out = held_out[:-1]
+        out = {f.frame_id for f in held_out}
+        pool = [f for f in pool if f.frame_id not in out]
         random_holdout = True
-    if n_train >= len(pool):
-        order, gains = list(range(len(pool))), [float("nan")] * len(pool)
-    else:
-        order, gains = greedy_entropy_ranking(
-            _descriptors(pool, k, cutoff), n_train, bandwidth=bandwidth, block=block, seed=seed
-        )
-    chosen = set(order)
-    train = [pool[i] for i in order]
-    unselected = [f for i, f in enumerate(pool) if i not in chosen]
+    cache = cache or DescriptorCache(k=k, cutoff=cutoff)
+    desc = structure_descriptors(
+        [f.structure for f in pool], k=k, cutoff=cutoff, keys=[f.frame_id for f in pool], cache=cache
+    )
+    index = {f.frame_id: i for i, f in enumerate(pool)}
+    start = [index[i] for i in previous_train_ids if i in index]
+    ranking = greedy_entropy_ranking(desc, n_train, bandwidth=bandwidth, device=device, start=start)
+    chosen = set(ranking.order)
     return DatasetSplit(
-        train=train,
-        test=held_out + unselected + later,
-        train_gains=gains,
-        n_pool=len(pool) + len(held_out),
+        train=[pool[i] for i in ranking.order],
+        test=held_out + [f for i, f in enumerate(pool) if i not in chosen] + later,
+        train_gains=ranking.delta_entropy,
+        train_entropy=ranking.entropy,
+        n_pool=n_pool,
         random_holdout=random_holdout,
     )
+

@@ -1,14 +1,14 @@
 """Per-iteration metrics (IterationDocument) and the loop's stopping rule.
 
-Entropies are QUESTS H (cscflow.entropy.dataset_entropy) with the selection settings'
-k, cutoff and bandwidth:
-- entropy_candidates: environments of this iteration's relaxed candidates;
-- entropy_training: environments of every labelled frame so far (the pool the loop
-  grows; not the train stage's train/test split, which is re-drawn each iteration and
-  would make H jump while N stays the same);
-- dh_dn: (H_train - H_train_prev) / (N_train - N_train_prev) against the last document in
-  `history` (None for the first iteration, or when no frame was added);
-- entropy_gain: H_train - H_train_prev (None for the first iteration).
+Entropies are QUESTS H (eq. 1, ``cscflow.entropy.entropy``) over *all* environments, with
+the selection settings' k, cutoff, bandwidth and device:
+- entropy_candidates: this iteration's relaxed candidates;
+- entropy_training, n_train, dh_dn_curve: H of the first N frames of the training set in
+  its δH ranking order (the train stage's ``train_frame_ids``; without them the split is
+  ranked here with the training settings), for N = 1..N_train;
+- dh_dn: Fig. 3a's increase of H per added frame along that ranking at N = N_train,
+  averaged over the last ``convergence.dh_dn_window`` frames;
+- entropy_gain: H_train - H_train of the previous iteration.
 Ratios are over the generated candidates: a structure the relaxation rejected counts as
 not stable / unique / novel, as in MatterGen's S.U.N. rate.
 """
@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from jobflow import Maker, job
 
 from cscflow.checkpoint import resumable
-from cscflow.config import ConvergenceSettings, SelectionSettings
-from cscflow.entropy import dataset_entropy, stack_descriptors, structure_descriptors
+from cscflow.config import ConvergenceSettings, SelectionSettings, TrainingSettings
+from cscflow.datasets import flatten_frames, split_frames
+from cscflow.entropy import DescriptorCache, dh_dn, entropy, entropy_along, stack_descriptors, structure_descriptors
 from cscflow.schemas import Candidate, Frame, IterationDocument
-from cscflow.select import flatten_frames
 
 __all__ = ["EvaluateMaker", "condition_key", "evaluate_iteration", "reason_key", "should_stop"]
 
@@ -59,12 +60,41 @@ def _attr(obj: Any, name: str):
     return getattr(obj, name, None)
 
 
-def _entropy(structures, selection: SelectionSettings, seed: int) -> float | None:
-    if not structures:
-        return None
-    k = selection.entropy_k
-    x = stack_descriptors(structure_descriptors(structures, k, selection.entropy_cutoff), k)
-    return dataset_entropy(x, bandwidth=selection.bandwidth, seed=seed)
+def _curve_points(h: list[float], rates: list[float | None], max_points: int = 200) -> list[list[float | None]]:
+    """[N, H, dH/dN] at <= max_points log-spaced N (always the first and the last)."""
+    if not h:
+        return []
+    idx = np.unique(np.geomspace(1, len(h), num=min(max_points, len(h))).round().astype(int)) - 1
+    return [[int(i + 1), float(h[i]), rates[i]] for i in idx]
+
+
+def training_entropy_curve(
+    frames: Sequence[Frame],
+    train: Any | None,
+    selection: SelectionSettings,
+    training: TrainingSettings,
+    cache: DescriptorCache,
+) -> list[float]:
+    """H of the first N training frames in ranking order (see module docstring)."""
+    k, cutoff = selection.entropy_k, selection.entropy_cutoff
+    ids = list(_attr(train, "train_frame_ids") or [])
+    by_id = {f.frame_id: f for f in frames}
+    if ids and all(i in by_id for i in ids):
+        ordered = [by_id[i] for i in ids]
+        desc = structure_descriptors(
+            [f.structure for f in ordered], k, cutoff, keys=[f.frame_id for f in ordered], cache=cache
+        )
+        return entropy_along(
+            desc, selection.bandwidth, batch_size=selection.entropy_batch_size, device=selection.entropy_device
+        )
+    if not frames or not any(f.provenance.iteration <= training.train_iterations_max for f in frames):
+        return []
+    split = split_frames(
+        frames, n_train=training.n_train, train_iterations_max=training.train_iterations_max,
+        test_fraction=training.test_fraction, seed=training.seed, k=k, cutoff=cutoff,
+        bandwidth=selection.bandwidth, cache=cache, device=selection.entropy_device,
+    )
+    return split.train_entropy
 
 
 def evaluate_iteration(
@@ -76,34 +106,41 @@ def evaluate_iteration(
     history: Sequence[IterationDocument] = (),
     selection: SelectionSettings | None = None,
     seed: int = 0,
+    training: TrainingSettings | None = None,
+    convergence: ConvergenceSettings | None = None,
 ) -> IterationDocument:
     """Everything one iteration measured (see module docstring for definitions)."""
     selection = selection or SelectionSettings()
+    training = training or TrainingSettings()
+    convergence = convergence or ConvergenceSettings()
     all_frames = flatten_frames(frames)
     relaxed = [c for c in scored if c.status == "relaxed"]
     rejected = [c for c in scored if c.status == "rejected"]
     n_gen = len(scored)
-
-    # The training pool is every labelled frame so far. The train stage's own split
-    # (train_frame_ids) is re-drawn each iteration, so H over it jumps while N stays put.
-    training = all_frames
+    cache = DescriptorCache(k=selection.entropy_k, cutoff=selection.entropy_cutoff)
 
     e_hull: dict[str, list[float]] = defaultdict(list)
     for c in relaxed:
         if c.e_hull is not None:
             e_hull[condition_key(c.provenance.condition)].append(float(c.e_hull))
 
-    h_cand = _entropy([c.structure for c in relaxed], selection, seed)
-    h_train = _entropy([f.structure for f in training], selection, seed)
-    n_train = len(training)
-
-    dh_dn = gain = None
+    h_cand = None
+    if relaxed:
+        desc = structure_descriptors(
+            [c.structure for c in relaxed], selection.entropy_k, selection.entropy_cutoff,
+            keys=[f"candidate:{c.id}" for c in relaxed], cache=cache,
+        )
+        h_cand = entropy(
+            stack_descriptors(desc, selection.entropy_k), selection.bandwidth,
+            batch_size=selection.entropy_batch_size, device=selection.entropy_device,
+        )
+    curve = training_entropy_curve(all_frames, train, selection, training, cache)
+    rates = dh_dn(curve, convergence.dh_dn_window)
+    h_train = curve[-1] if curve else None
+    gain = None
     prev = history[-1] if history else None
     if prev is not None and prev.entropy_training is not None and h_train is not None:
-        added = n_train - prev.n_train_total
-        if added > 0:  # an iteration that labelled nothing says nothing about saturation
-            gain = h_train - prev.entropy_training
-            dh_dn = gain / added
+        gain = h_train - prev.entropy_training
 
     def ratio(n: int) -> float | None:
         return n / n_gen if n_gen else None
@@ -122,10 +159,12 @@ def evaluate_iteration(
         **counts,
         n_selected=len(selected),
         n_labelled=sum(f.provenance.iteration == iteration for f in all_frames),
-        n_train_total=n_train,
+        n_train_total=len(all_frames),
+        n_train=len(curve) or None,
         entropy_candidates=h_cand,
         entropy_training=h_train,
-        dh_dn=dh_dn,
+        dh_dn=rates[-1] if rates else None,
+        dh_dn_curve=_curve_points(curve, rates),
         entropy_gain=gain,
         sun_ratio=ratio(counts["n_sun"]),
         stable_ratio=ratio(counts["n_stable"]),
@@ -146,8 +185,8 @@ def should_stop(history: Sequence[IterationDocument], convergence: ConvergenceSe
     last = history[-1]
     if len(history) < convergence.min_iterations:
         return None
-    if last.dh_dn is not None and last.dh_dn < convergence.dh_dn_threshold:
-        return f"entropy saturated: dH/dN={last.dh_dn:.3g} < {convergence.dh_dn_threshold:g}"
+    if last.dh_dn is not None and last.dh_dn < convergence.threshold:
+        return f"entropy saturated: dH/dN={last.dh_dn:.3g} < {convergence.threshold:g} ({convergence.target})"
     if last.entropy_gain is not None and last.entropy_gain < convergence.entropy_gain_epsilon:
         return f"entropy gain {last.entropy_gain:.3g} < epsilon {convergence.entropy_gain_epsilon:g}"
     if last.iteration >= convergence.max_iterations:
@@ -162,6 +201,7 @@ class EvaluateMaker(Maker):
     name: str = "evaluate"
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
 
     @job
     @resumable
@@ -176,5 +216,6 @@ class EvaluateMaker(Maker):
         seed: int = 0,
     ) -> IterationDocument:
         return evaluate_iteration(
-            iteration, scored, selected, frames, train, history, selection=self.selection, seed=seed
+            iteration, scored, selected, frames, train, history, selection=self.selection, seed=seed,
+            training=self.training, convergence=self.convergence,
         )

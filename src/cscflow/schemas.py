@@ -120,8 +120,12 @@ class IterationDocument(_Doc):
     n_labelled: int = 0
     n_train_total: int = 0
     entropy_candidates: float | None = None
-    entropy_training: float | None = None
-    dh_dn: float | None = Field(None, description="entropy increase per added training frame")
+    entropy_training: float | None = Field(None, description="H (eq. 1, all environments) of the training set")
+    dh_dn: float | None = Field(None, description="dH/dN at N = n_train along the δH ranking (Fig. 3a)")
+    n_train: int | None = Field(None, description="frames in the training set (N_train)")
+    dh_dn_curve: list[list[float | None]] = Field(
+        default_factory=list, description="[N, H, dH/dN] along the δH ranking of the training set"
+    )
     entropy_gain: float | None = None
     sun_ratio: float | None = None
     stable_ratio: float | None = None

@@ -1,20 +1,15 @@
-"""Which candidates get labelled: E_hull-binned quotas ranked by entropy gain (Methods 4.2).
+"""Which candidates get labelled: E_hull-binned quotas (paper Methods 4.2).
 
 Eligible: relaxed, scored, and S.U.N. when settings.only_sun. Each candidate falls in the
 first bin with low <= E_hull < high; a bin takes at most round(quota * quota_scale)
 candidates (at least 1 when quota > 0).
 
-Ranking inside a bin: ΔH_s = H(X ∪ Y_s) - H(X) (cscflow.entropy.structure_entropy_gain)
-against X = the environments of the training set so far (all frames of all earlier
-iterations). The paper ranks by δH against the existing data; ranking every candidate
-against the same fixed X keeps the cost one kernel pass per candidate.
-
-Without a training set, X would be empty and ΔH would be each structure's self-entropy,
-which ignores overlap between candidates (ten copies of one motif would all rank high).
-We then pick greedily instead: X starts empty and grows by each picked structure's
-environments, over the bins in order, so every pick adds the most to what was already
-chosen. The greedy path costs one ΔH pass per pick; it is meant for the bootstrap case
-(small pools).
+Inside a bin the paper picks by E_hull interval only, so the default
+(``within_bin: random``) is a seeded random draw: the same seed gives the same picks
+whatever the input order. Entropy ranks the labelled *frames* for training
+(``cscflow.datasets.split_frames``), not the structures sent to DFT. ``within_bin:
+entropy`` is kept as an option: greedy δH (``cscflow.entropy.greedy_entropy_ranking``)
+against the training frames so far plus everything picked in earlier bins.
 """
 
 from __future__ import annotations
@@ -31,15 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cscflow.checkpoint import resumable
 from cscflow.config import EhullBin, SelectionSettings
-from cscflow.entropy import (
-    DEFAULT_MAX_ENVIRONMENTS,
-    stack_descriptors,
-    structure_descriptors,
-    structure_entropy_gain,
-)
+from cscflow.datasets import flatten_frames
+from cscflow.entropy import DescriptorCache, greedy_entropy_ranking, stack_descriptors, structure_descriptors
 from cscflow.schemas import Candidate, Frame
 
-__all__ = ["SelectMaker", "SelectOutput", "bin_label", "bin_quota", "flatten_frames", "select_candidates"]
+__all__ = ["SelectMaker", "SelectOutput", "bin_label", "bin_quota", "select_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +44,7 @@ class SelectOutput(BaseModel):
     per_bin: dict[str, int] = Field(default_factory=dict, description="bin label -> selected")
     available: dict[str, int] = Field(default_factory=dict, description="bin label -> eligible")
     quotas: dict[str, int] = Field(default_factory=dict, description="bin label -> scaled quota")
-    ranking: str = Field("", description="'training-set' or 'greedy' (no training set)")
+    ranking: str = Field("", description="how a bin was ordered: 'random' (seeded) or 'entropy' (greedy δH)")
     n_training_environments: int = 0
     seconds: float = 0.0
 
@@ -68,19 +59,6 @@ def bin_quota(b: EhullBin, scale: float) -> int:
     if b.quota <= 0:
         return 0
     return max(1, int(math.floor(b.quota * scale + 0.5)))
-
-
-def flatten_frames(frames: Sequence[Frame] | Sequence[Sequence[Frame]]) -> list[Frame]:
-    """One flat list from a list of frames or a list of per-iteration lists."""
-    out: list[Frame] = []
-    for item in frames or ():
-        if isinstance(item, Frame):
-            out.append(item)
-        elif isinstance(item, (list, tuple)):
-            out.extend(item)
-        else:
-            raise TypeError(f"expected Frame or list of Frame, got {type(item).__name__}")
-    return out
 
 
 def _in_bin(e: float, b: EhullBin) -> bool:
@@ -98,16 +76,11 @@ def select_candidates(
     settings: SelectionSettings | None = None,
     training_frames: Sequence[Frame] | Sequence[Sequence[Frame]] = (),
     seed: int = 0,
-    max_environments: int | None = DEFAULT_MAX_ENVIRONMENTS,
+    cache: DescriptorCache | None = None,
 ) -> SelectOutput:
-    """Bin, rank and pick; returns copies with `delta_entropy` and `selected` set."""
+    """Bin and pick; returns copies with `selected` set (and `delta_entropy` when ranked)."""
     t0 = time.perf_counter()
     settings = settings or SelectionSettings()
-    k, cutoff, h = settings.entropy_k, settings.entropy_cutoff, settings.bandwidth
-    frames = flatten_frames(training_frames)
-    x_train = stack_descriptors(structure_descriptors([f.structure for f in frames], k, cutoff), k)
-    greedy = len(x_train) == 0
-
     cands = [c.model_copy(deep=True) for c in candidates]
     for c in cands:
         c.selected = False
@@ -119,50 +92,51 @@ def select_candidates(
             if _in_bin(c.e_hull, b):
                 in_bin[i].append(j)
                 break
-    pool = sorted(j for members in in_bin.values() for j in members)
-    desc = dict(zip(pool, structure_descriptors([cands[j].structure for j in pool], k, cutoff)))
-    rng = np.random.default_rng([seed, 7])
-    tiebreak = rng.permutation(len(cands))  # seeded, so equal gains do not favour input order
 
-    out = SelectOutput(ranking="greedy" if greedy else "training-set", n_training_environments=len(x_train))
-    chosen: list[np.ndarray] = []
+    entropy = settings.within_bin == "entropy"
+    k, cutoff = settings.entropy_k, settings.entropy_cutoff
+    cache = cache or DescriptorCache(k=k, cutoff=cutoff)
+    reference: list[np.ndarray] = []
+    if entropy:
+        frames = flatten_frames(training_frames)
+        reference = structure_descriptors(
+            [f.structure for f in frames], k, cutoff, keys=[f"frame:{f.frame_id}" for f in frames], cache=cache
+        )
+    out = SelectOutput(ranking=settings.within_bin, n_training_environments=sum(len(x) for x in reference))
     for i, b in enumerate(settings.bins):
-        label, members = bin_label(b), in_bin[i]
-        quota = bin_quota(b, settings.quota_scale)
+        label, quota = bin_label(b), bin_quota(b, settings.quota_scale)
+        # input order must not matter: members sorted by id before any draw
+        members = sorted(in_bin[i], key=lambda j: cands[j].id)
         out.available[label], out.quotas[label] = len(members), quota
         picked: list[int] = []
-        if not greedy and members and quota:
-            gains = structure_entropy_gain(
-                [desc[j] for j in members], x_train, bandwidth=h, max_environments=max_environments, seed=seed
+        if members and quota and entropy:
+            desc = structure_descriptors(
+                [cands[j].structure for j in members], k, cutoff,
+                keys=[f"candidate:{cands[j].id}" for j in members], cache=cache,
             )
-            for j, g in zip(members, gains):
-                cands[j].delta_entropy = float(g)
-            order = sorted(range(len(members)), key=lambda m: (-gains[m], tiebreak[members[m]]))
-            picked = [members[m] for m in order[:quota]]
-        elif greedy:
-            left = list(members)
-            while left and len(picked) < quota:
-                x_sel = stack_descriptors(chosen, k)
-                gains = structure_entropy_gain(
-                    [desc[j] for j in left], x_sel, bandwidth=h, max_environments=max_environments, seed=seed
-                )
-                best = min(range(len(left)), key=lambda m: (-gains[m], tiebreak[left[m]]))
-                j = left.pop(best)
-                cands[j].delta_entropy = float(gains[best])
-                picked.append(j)
-                chosen.append(desc[j])
+            ranking = greedy_entropy_ranking(
+                desc, quota, bandwidth=settings.bandwidth, reference=stack_descriptors(reference, k),
+                batch_size=settings.entropy_batch_size, device=settings.entropy_device,
+            )
+            for m, score in zip(ranking.order, ranking.delta_entropy):
+                cands[members[m]].delta_entropy = score
+                picked.append(members[m])
+                reference.append(desc[m])
+        elif members and quota:
+            rng = np.random.default_rng([seed, i])
+            picked = [members[m] for m in rng.permutation(len(members))[:quota]]
         for j in picked:
             cands[j].selected = True
         out.per_bin[label] = len(picked)
         out.selected.extend(cands[j] for j in picked)
-        logger.info("select %s: %d of %d (quota %d)", label, len(picked), len(members), quota)
+        logger.info("select %s: %d of %d (quota %d, %s)", label, len(picked), len(members), quota, settings.within_bin)
     out.seconds = time.perf_counter() - t0
     return out
 
 
 @dataclass
 class SelectMaker(Maker):
-    """Pick candidates to label: E_hull bins, ranked by entropy gain."""
+    """Pick candidates to label: E_hull bins, random inside a bin (seeded) by default."""
 
     name: str = "select"
     settings: SelectionSettings = field(default_factory=SelectionSettings)

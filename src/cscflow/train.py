@@ -401,7 +401,7 @@ class TrainMaker(Maker):
             n_train=self.settings.n_train,
             train_iterations_max=self.settings.train_iterations_max,
             test_fraction=self.settings.test_fraction,
-            seed=self.settings.seed + iteration,
+            seed=self.settings.seed,  # one seed for every iteration: the holdout stays put
             k=self.entropy_k,
             cutoff=self.entropy_cutoff,
             bandwidth=self.bandwidth,

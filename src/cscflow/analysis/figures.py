@@ -1,5 +1,8 @@
 """Figures of the run report (paper Figs. 2a, 2d, 2e, 3a–c), drawn with matplotlib (Agg).
 
+A figure named after the paper shows the paper's quantity, or its docstring and title say
+how it differs (per condition, per iteration, frames instead of DFT runs).
+
 Each function takes plain numbers (no store access) and writes one PNG, so it can be
 tested on its own and reused from a notebook. Empty input raises ValueError: the report
 turns that into a "missing" note instead of drawing an empty axis.
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "plot_dh_dn_vs_ntrain",
     "plot_entropy_and_frames",
     "plot_ehull_density",
     "plot_parity",
@@ -60,10 +64,11 @@ def _density(ax, values: np.ndarray, grid: np.ndarray, label: str, color) -> Non
 def plot_ehull_density(
     e_hull: Mapping[int, Mapping[str, Sequence[float]]], path: str | Path, x_max: float | None = 0.5
 ) -> Path:
-    """E_hull density per generator condition, one panel per iteration (Fig. 2a).
+    """E_hull density per generator condition, one panel per iteration (Fig. 2a per condition).
 
     `e_hull` maps iteration -> condition label -> E_hull values (eV/atom). Values beyond
-    `x_max` are counted in the legend but the axis is cut there, as in the paper.
+    `x_max` are counted in the legend but the axis is cut there, as in the paper. The
+    condition is MatterGen's E_hull target; for pyxtal or prototypes it is only a label.
     """
     iterations = sorted(k for k, by_cond in e_hull.items() if any(len(v) for v in by_cond.values()))
     if not iterations:
@@ -86,7 +91,7 @@ def plot_ehull_density(
         ax.set_xlim(lo, hi)
         ax.set_xlabel("E_hull (eV/atom)")
         ax.set_ylabel("density")
-        ax.set_title(f"iteration {k}")
+        ax.set_title(f"iteration {k}: E_hull density per condition")
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -118,16 +123,18 @@ def plot_sun_ratios(rows: Sequence[Mapping[str, float | None]], path: str | Path
 
 
 def plot_entropy_and_frames(rows: Sequence[Mapping[str, float | None]], path: str | Path) -> Path:
-    """Information entropy of the training pool (and of each iteration's candidates) and the
-    number of labelled frames vs iteration (Fig. 2e)."""
+    """Fig. 2e-like: QUESTS H (eq. 1, all environments) of each iteration's relaxed candidates
+    (the paper's red dots: entropy of generated local features) and of the training set (the
+    top N_train frames by δH), with cumulative *labelled frames* as bars; the paper's cyan
+    triangles count DFT calculations, of which one protocol yields several frames."""
     rows = [r for r in rows if r.get("entropy_training") is not None or r.get("n_train_total")]
     if not rows:
         raise ValueError("no iteration has entropies or labelled frames")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     its = [r["iteration"] for r in rows]
-    for key, label, style in (("entropy_training", "H (training pool)", "o-"),
-                              ("entropy_candidates", "H (iteration's candidates)", "s--")):
+    for key, label, style in (("entropy_candidates", "H (iteration's candidates)", "o-"),
+                              ("entropy_training", "H (training set, top N_train by δH)", "s--")):
         y = [np.nan if r.get(key) is None else r[key] for r in rows]
         if not np.all(np.isnan(y)):
             ax.plot(its, y, style, label=label)
@@ -135,14 +142,41 @@ def plot_entropy_and_frames(rows: Sequence[Mapping[str, float | None]], path: st
     ax.set_ylabel("entropy H (nats)")
     ax.set_xticks(its)
     twin = ax.twinx()
-    twin.bar(its, [r.get("n_train_total") or 0 for r in rows], alpha=0.25, color="tab:green", label="labelled frames")
+    twin.bar(its, [r.get("n_train_total") or 0 for r in rows], alpha=0.25, color="tab:green",
+             label="labelled frames (not DFT runs)")
     twin.set_ylabel("labelled frames (cumulative)")
     lines, labels = ax.get_legend_handles_labels()
     bars, blabels = twin.get_legend_handles_labels()
     ax.legend(lines + bars, labels + blabels, fontsize=8, loc="upper left")
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.set_title("entropy and training data")
+    ax.set_title("entropy and labelled frames vs iteration (cf. Fig. 2e)")
+    return _save(fig, path)
+
+
+def plot_dh_dn_vs_ntrain(curves: Mapping[int, Sequence[Sequence[float | None]]], path: str | Path) -> Path:
+    """log10(dH/dN) vs N_train along the δH ranking of the training set (Fig. 3a upper panel).
+
+    `curves`: iteration -> IterationDocument.dh_dn_curve ([N, H, dH/dN] points). Points with
+    dH/dN <= 0 cannot be drawn on a log axis and are left out. Dotted lines: the paper's
+    thresholds, 1e-3 (pre-screening) and 1e-4 (accurate models).
+    """
+    curves = {k: [p for p in c if p[2] is not None and p[2] > 0] for k, c in curves.items()}
+    curves = {k: c for k, c in curves.items() if c}
+    if not curves:
+        raise ValueError("no iteration has a positive dH/dN")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for k in sorted(curves):
+        pts = np.asarray([[p[0], p[2]] for p in curves[k]], float)
+        ax.plot(pts[:, 0], np.log10(pts[:, 1]), ".-", label=f"iteration {k}")
+    for value, label in ((1e-3, "1e-3 pre-screening"), (1e-4, "1e-4 accurate")):
+        ax.axhline(np.log10(value), ls=":", color="gray", lw=0.8)
+        ax.annotate(label, (ax.get_xlim()[0], np.log10(value)), fontsize=7, color="gray", va="bottom")
+    ax.set_xlabel("N_train (frames, δH ranking order)")
+    ax.set_ylabel("log10(dH/dN)")
+    ax.set_title("entropy increase rate along the δH ranking (Fig. 3a, upper)", fontsize=9)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -155,8 +189,12 @@ def _log_if_wide(set_scale, values) -> None:
 
 
 def plot_rmse_vs_ntrain(rows: Sequence[Mapping[str, float | None]], path: str | Path) -> Path:
-    """Energy and force RMSE on held-out frames vs training-set size (Fig. 3a).
+    """Energy and force RMSE vs N_train, one point per iteration's model (Fig. 3a middle/lower
+    panels, per iteration).
 
+    The paper varies N_train on fixed data and tests every model on one test set; here each
+    point is the model one iteration trained, tested on that iteration's test set (the
+    paper's rule: unselected pool frames + later iterations, `cscflow.datasets.split_frames`).
     `rows`: one mapping per train stage with n_train, energy_rmse (eV/atom), force_rmse (eV/Å), iteration.
     """
     rows = [r for r in rows if r.get("n_train") and (r.get("energy_rmse") is not None or r.get("force_rmse") is not None)]
@@ -175,8 +213,8 @@ def plot_rmse_vs_ntrain(rows: Sequence[Mapping[str, float | None]], path: str | 
         _log_if_wide(ax.set_yscale, y)
         ax.set_xlabel("N_train (frames)")
         ax.set_ylabel(f"{key.split('_')[0]} RMSE ({unit})")
-    axes[0].set_title("energy RMSE vs N_train")
-    axes[1].set_title("force RMSE vs N_train")
+    axes[0].set_title("energy RMSE vs N_train (one model per iteration)", fontsize=9)
+    axes[1].set_title("force RMSE vs N_train (one model per iteration)", fontsize=9)
     return _save(fig, path)
 
 
@@ -185,7 +223,9 @@ def plot_parity(
     forces_ref: Sequence[float], forces_pred: Sequence[float],
     path: str | Path, title: str = "",
 ) -> tuple[Path, dict[str, float]]:
-    """Energy (eV/atom) and force-component (eV/Å) parity plots (Figs. 3b–c) and their RMSE/MAE."""
+    """Energy (eV/atom) and force-component (eV/Å) parity plots (Figs. 3b–c) and their RMSE/MAE.
+
+    Labels are whatever labelled the frames (DFT, or the teacher standing in for it)."""
     e_ref, e_pred = np.asarray(energy_ref, float), np.asarray(energy_pred, float)
     f_ref, f_pred = np.asarray(forces_ref, float).ravel(), np.asarray(forces_pred, float).ravel()
     if e_ref.shape != e_pred.shape or f_ref.shape != f_pred.shape:

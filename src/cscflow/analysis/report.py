@@ -322,7 +322,7 @@ def _ratio_sections(rows: list[dict], out: Path) -> list[Section]:
             lambda p: plot_sun_ratios(rows, p))
     ent = Section("entropy", "Entropy and labelled frames vs iteration (Fig. 2e)")
     done = [r for r in rows if not r.get("in_progress")]
-    _figure(ent, out, "entropy_frames.png", "QUESTS entropy of the training pool and cumulative labelled frames",
+    _figure(ent, out, "entropy_frames.png", "QUESTS H of each iteration's candidates and of the training set (top N_train by δH); bars: cumulative labelled frames, not DFT runs",
             lambda p: plot_entropy_and_frames(done, p))
     return [sun, ent]
 

@@ -229,3 +229,40 @@ def test_laptop_workers_store_takes_the_run_lock(tmp_path):
     finally:
         store.close()
     assert holder(run_dir) is None
+
+
+FILL = """
+import sys
+from pathlib import Path
+from cscflow.config import StoreSettings
+from cscflow.stores import StoreError, build_job_store
+store = build_job_store(StoreSettings(), Path(sys.argv[1]) / "run")
+store.connect()
+store.update({"uuid": "u0", "index": 1, "output": 1})
+try:
+    with open(Path(sys.argv[1]) / "filler", "wb") as f:
+        while True:
+            f.write(bytes(4096))
+            f.flush()
+except OSError:
+    pass
+try:
+    store.update([{"uuid": f"u{i}", "index": 1, "output": "x" * 10000} for i in range(1, 50)])
+except StoreError as exc:
+    print(exc)
+"""
+
+
+def test_a_full_disk_is_one_line_saying_so(tmp_path):
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = f'mount -t tmpfs -o size=512k tmpfs "{disk}" || exit 99; exec "$@"'
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-c", FILL, str(disk)],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode == 99:
+        pytest.skip("cannot mount a tmpfs here")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == (f"the disk holding {disk}/run/store/cscflow/outputs.collection is full: "
+                                  f"free space, then run cscflow resume {disk}/run"), out.stdout + out.stderr[-2000:]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import uuid as uuidlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,8 @@ from cscflow.stores import StoreError, build_job_store
 __all__ = ["RunError", "explore", "load_run", "rebuild_state", "resume", "status_rows", "format_status"]
 
 logger = logging.getLogger(__name__)
+
+FULL_DISK_BYTES = 16 * 2**20  # less free space than this after a failed stage: say the disk is full
 
 
 class RunError(RuntimeError):
@@ -92,6 +95,8 @@ def _run(flow, spec: ExplorationSpec, run_dir: Path) -> LoopState | None:
         problem = _store_problem(store)
         if problem:
             raise StoreError(problem)
+        if shutil.disk_usage(run_dir).free < FULL_DISK_BYTES:  # e.g. deepmd's c10::Error writing a model
+            raise RunError(f"the disk holding {run_dir} is full: free space, then run cscflow resume {run_dir}")
         raise RunError(
             f"the exploration stopped before finishing (see the log above); "
             f"fix the cause and run: cscflow resume {run_dir}"
@@ -123,8 +128,7 @@ def explore(spec_path: str | Path, run_dir: str | Path, seeds=None) -> LoopState
     spec = load_spec(spec_path)
     run_dir = Path(run_dir).resolve()
     _refuse_existing(run_dir)
-    for warning in check_prerequisites(spec):
-        logger.warning(warning)
+    check_prerequisites(spec)  # its warnings (skipped seeds) are logged once, when the flow is built
     run_id = uuidlib.uuid4().hex[:12]
     flow = exploration_flow(spec, run_id, seeds=seeds)  # reads the seeds: fails before anything is written
     with run_lock(run_dir, "cscflow explore"):

@@ -112,9 +112,15 @@ class RunDirStore(MontyStore):
         return Path(self.database_path) / self.database_name / f"{self.collection_name}.collection"
 
     def _fail(self, exc: Exception) -> StoreError:
+        import shutil
+
         message = str(exc)
         run_dir = Path(self.database_path).parent
-        if "full" in message or isinstance(exc, OSError) and exc.errno == 28:
+        try:
+            nearly_full = shutil.disk_usage(self.database_path).free < 2**20
+        except OSError:
+            nearly_full = False
+        if nearly_full or "full" in message or isinstance(exc, OSError) and exc.errno == 28:
             self.problem = f"the disk holding {self._file} is full: free space, then run cscflow resume {run_dir}"
         elif "I/O" in message:
             self.problem = (f"{self._file}: disk I/O error ({message}); check the disk (full? unmounted?), "

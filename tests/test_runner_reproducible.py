@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cscflow.runlock import holder
 from cscflow.runner import format_status, load_run
 from cscflow.stores import build_job_store
 
@@ -101,7 +102,8 @@ def test_straight_resumed_and_fireworks_runs_store_the_same_numbers(tmp_path):
                                    stderr=subprocess.STDOUT, text=True, env=_env())
         if i == 0:  # a second resume while the first runs: refused, one line, the first unharmed
             deadline = time.time() + 120
-            while not (run_dir / "run.lock").stat().st_size and time.time() < deadline:
+            while (holder(run_dir) or {}).get("pid") != resumed.pid:  # the killed explore's record stays
+                assert time.time() < deadline and resumed.poll() is None
                 time.sleep(0.2)
             second = _cscflow("resume", str(run_dir))
             assert second.returncode == 2, second.stdout + second.stderr

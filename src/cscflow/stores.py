@@ -34,10 +34,10 @@ def redact_uri(uri: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-def check_no_credentials(settings: StoreSettings) -> None:
-    """Literal user:password in store.uri would be copied into run.json, spec.yaml and every
-    stored job document: only ``$VAR``/``${VAR}`` placeholders may stand there."""
-    uri = settings.uri or ""
+def check_no_credentials(settings) -> None:
+    """Refuse a literal user:password in store.uri (a spec or its StoreSettings): it would be
+    copied into every stored job document. ``${VAR}`` placeholders pass."""
+    uri = getattr(settings, "store", settings).uri or ""
     userinfo = uri.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]
     if userinfo and not all(re.fullmatch(r"\$(\{[A-Za-z_]\w*\}|[A-Za-z_]\w*)", part) for part in userinfo.split(":")):
         raise StoreError(

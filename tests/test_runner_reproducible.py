@@ -94,6 +94,7 @@ def test_straight_resumed_and_fireworks_runs_store_the_same_numbers(tmp_path):
     reference = stored_numbers(straight)
     table = format_status(straight)
     assert "finished: max_iterations" in table and len(reference) > 20
+    print(f"straight ({len(reference)} stored numbers):\n{table}")
 
     for i, job_name in enumerate(KILL_AT):
         run_dir = tmp_path / f"killed{i}"
@@ -111,6 +112,7 @@ def test_straight_resumed_and_fireworks_runs_store_the_same_numbers(tmp_path):
             assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
         log = resumed.communicate(timeout=600)[0]
         assert resumed.returncode == 0, log[-3000:]
+        print(f"killed -9 at {job_name!r}, resumed:\n{format_status(run_dir)}")
         assert format_status(run_dir) == table, job_name
         assert stored_numbers(run_dir) == reference, job_name
 
@@ -124,6 +126,6 @@ def test_straight_resumed_and_fireworks_runs_store_the_same_numbers(tmp_path):
          str(fw_dir / "fireworks" / "my_fworker.yaml"), "rapidfire", "--sleep", "1"],
         capture_output=True, text=True, env=_env(**worker_env), cwd=fw_dir / "jobs", timeout=900)
     assert rlaunch.returncode == 0, rlaunch.stdout[-3000:] + rlaunch.stderr[-3000:]
+    print(f"FireWorks (submit --local, rlaunch rapidfire):\n{format_status(fw_dir)}")
     assert format_status(fw_dir) == table
     assert stored_numbers(fw_dir) == reference
-    print(table)

@@ -372,14 +372,14 @@ def test_two_iterations_on_gpu_and_cpu_workers_then_webgui(tmp_path, tiny_spec):
 
 def test_literal_store_credentials_are_refused_but_variables_pass(tmp_path):
     from cscflow.config import load_spec
-    from cscflow.dispatch import DispatchError, _check_no_credentials
+    from cscflow.stores import StoreError, check_no_credentials
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(TINY + "store: {uri: 'mongodb://alice:pw@db.example.org/cscflow'}\n")
-    with pytest.raises(DispatchError, match="contains credentials"):
-        _check_no_credentials(load_spec(spec_file))
+    with pytest.raises(StoreError, match="contains credentials"):
+        check_no_credentials(load_spec(spec_file).store)
     spec_file.write_text(TINY + "store: {uri: 'mongodb://${U}:${P}@db.example.org/cscflow?authSource=admin'}\n")
-    _check_no_credentials(load_spec(spec_file))
+    check_no_credentials(load_spec(spec_file).store)
 
 
 def _run_documented_queries(store, run_id):

@@ -46,6 +46,8 @@ def test_relative_run_dir_survives_run_locally_job_folders(tmp_path, monkeypatch
     """run_locally chdirs into job folders: a relative run dir must still mean the same store."""
     monkeypatch.chdir(tmp_path)
     store = build_job_store(StoreSettings(), "runs/demo")
+    assert not (tmp_path / "runs").exists()  # building a store writes nothing
+    (tmp_path / "runs" / "demo" / "jobs").mkdir(parents=True)
     first = make_values(3)
     run_locally(first, store=store, root_dir=tmp_path / "runs" / "demo" / "jobs", create_folders=True,
                 ensure_success=True, log=False)

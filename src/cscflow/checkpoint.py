@@ -5,12 +5,17 @@ A stage function wrapped in :func:`resumable` looks that key up in the JobStore 
 against; when an earlier attempt of the same run already finished the stage (the run was
 interrupted later, or a FireWorks node died after the job finished), the stored output is
 returned instead of recomputing. Jobs without a key (used outside the loop) always run.
+
+Every computed stage runs with the user's thread count (:func:`cscflow.threads.pinned`),
+whatever ran before it in the same process, so explore, resume and workers agree.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+
+from cscflow.threads import pinned
 
 __all__ = ["resumable", "stage_key", "find_checkpoint"]
 
@@ -60,6 +65,7 @@ def resumable(function):
                 return cached
         if key:
             logger.info("stage %s: computing", key)
-        return function(*args, **kwargs)
+        with pinned():
+            return function(*args, **kwargs)
 
     return wrapper

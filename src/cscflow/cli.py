@@ -24,13 +24,20 @@ def main():
 @click.argument("spec", type=click.Path(dir_okay=False))
 @user_errors
 def validate(spec):
-    """Validate SPEC.yaml (exploration or CHGGen) and print the resolved spec, defaults filled in."""
+    """Validate SPEC.yaml (exploration or CHGGen) and print the resolved spec, defaults filled in.
+
+    Also checks what the run needs from this machine: the store, the labeller's program
+    (VASP, CP2K) and the seed files."""
+    from cscflow.prerequisites import check_prerequisites
+
     if is_chggen_spec(spec):
         from cscflow.chggen.settings import load_chggen_spec
 
         resolved = load_chggen_spec(spec)
     else:
         resolved = load_spec(spec)
+    for warning in check_prerequisites(resolved):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(resolved.to_yaml(), nl=False)
 
 

@@ -402,7 +402,11 @@ class ExplorationSpec(_Settings):
     name: str = "exploration"
     chemical_system: ChemicalSystem
     seeds: list[Path] = Field(default_factory=list, description="iteration-0 structure files")
-    seed_errors: Literal["skip", "raise"] = "skip"
+    seed_errors: Literal["skip", "raise"] = Field(
+        "skip",
+        description="seed structures outside the chemical system or disordered: skip them with a warning, or "
+        "stop (raise); a listed seed file that cannot be read is always an error",
+    )
     use_prototypes: bool = True
     prototype_max_atoms: int | None = Field(
         None, ge=1, description="skip larger prototypes (e.g. the 32-atom alpha-S8 cell in cheap DFT demos)"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import uuid as uuidlib
 from collections import Counter
@@ -198,7 +197,7 @@ def write_worker_jobflow_config(spec: ExplorationSpec, run_dir: Path) -> Path | 
         return None
     from cscflow.stores import build_job_store
 
-    store = build_job_store(spec.store, run_dir)
+    store = build_job_store(spec.store, run_dir, run_lock=True)  # one worker process at a time
     path = run_dir / "jobflow.yaml"
     path.write_text(yaml.safe_dump({"JOB_STORE": json.loads(json.dumps(store.as_dict()))}, sort_keys=False))
     return path
@@ -251,18 +250,6 @@ def _write_env_file(run_dir: Path, env: dict[str, str]) -> Path:
 # --------------------------------------------------------------------------- submit
 
 
-def _check_no_credentials(spec: ExplorationSpec) -> None:
-    """Literal user:password in store.uri would be copied into every stored job document."""
-    uri = spec.store.uri or ""
-    userinfo = uri.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]
-    if userinfo and not all(re.fullmatch(r"\$(\{[A-Za-z_]\w*\}|[A-Za-z_]\w*)", part) for part in userinfo.split(":")):
-        raise DispatchError(
-            "store.uri contains credentials, which would be copied into every stored job document; "
-            "write them as environment variables (mongodb://${CSCFLOW_MONGO_USER}:${CSCFLOW_MONGO_PASSWORD}@host/...) "
-            "and give workers the store in their jobflow config (fworker_configs/jobflow_mongo.yaml)"
-        )
-
-
 def submit(
     spec_path: str | Path,
     run_dir: str | Path | None = None,
@@ -272,7 +259,9 @@ def submit(
 ) -> Submission:
     """Build the exploration workflow and add it to a LaunchPad (or a laptop-mode mongomock file)."""
     spec = load_spec(spec_path)
-    _check_no_credentials(spec)
+    from cscflow.prerequisites import check_prerequisites
+
+    check_prerequisites(spec, labeller=False)  # store, credentials, seeds: before anything is written
     run_dir = Path(run_dir or Path("runs") / spec.name).resolve()
     if (run_dir / "run.json").exists():
         raise DispatchError(f"{run_dir} already holds a run: choose another --run-dir")

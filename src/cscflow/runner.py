@@ -4,12 +4,17 @@ A run directory holds ``run.json`` (run id and the resolved spec), ``spec.yaml``
 embedded store (``store/``) unless a MongoDB URI is configured, and one folder per job
 (``jobs/``). Everything needed to resume is in the store: finished stages are found by
 their checkpoint keys, so ``resume`` rebuilds the loop state and recomputes nothing.
+
+``explore`` checks the spec's prerequisites before it writes anything; ``explore`` and
+``resume`` hold the run directory's lock (:mod:`cscflow.runlock`) while they compute;
+``status`` only reads (it works on a read-only run directory).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import uuid as uuidlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,16 +22,28 @@ from pathlib import Path
 from jobflow import run_locally
 
 from cscflow.config import ExplorationSpec, SpecError, load_spec
+from cscflow.prerequisites import check_prerequisites
+from cscflow.runlock import run_lock
 from cscflow.schemas import IterationDocument, LoopState
-from cscflow.stores import build_job_store
+from cscflow.stores import StoreError, build_job_store
 
 __all__ = ["RunError", "explore", "load_run", "rebuild_state", "resume", "status_rows", "format_status"]
 
 logger = logging.getLogger(__name__)
 
+FULL_DISK_BYTES = 16 * 2**20  # less free space than this after a failed stage: say the disk is full
+
 
 class RunError(RuntimeError):
     """A run directory that cannot be used as asked."""
+
+
+def _store_problem(store) -> str | None:
+    """The StoreError a job hit in `store` (damaged file, full disk), if any."""
+    for part in (store.docs_store, *store.additional_stores.values()):
+        if getattr(part, "problem", None):
+            return part.problem
+    return None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -67,9 +84,19 @@ def _run(flow, spec: ExplorationSpec, run_dir: Path) -> LoopState | None:
     jobs_dir = run_dir / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
     # log=False: jobflow's messages reach the root logger the CLI configured (no duplicates).
-    responses = run_locally(flow, store=store, root_dir=jobs_dir, create_folders=True, log=False)
+    try:
+        responses = run_locally(flow, store=store, root_dir=jobs_dir, create_folders=True, log=False)
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC outside the store (job folders, models)
+            raise RunError(f"the disk holding {run_dir} is full: free space, then run cscflow resume {run_dir}") from None
+        raise
     final = _final_state(responses)
     if final is None:
+        problem = _store_problem(store)
+        if problem:
+            raise StoreError(problem)
+        if shutil.disk_usage(run_dir).free < FULL_DISK_BYTES:  # e.g. deepmd's c10::Error writing a model
+            raise RunError(f"the disk holding {run_dir} is full: free space, then run cscflow resume {run_dir}")
         raise RunError(
             f"the exploration stopped before finishing (see the log above); "
             f"fix the cause and run: cscflow resume {run_dir}"
@@ -87,18 +114,27 @@ def _final_state(responses) -> LoopState | None:
     return None
 
 
+def _refuse_existing(run_dir: Path) -> None:
+    if (run_dir / "run.json").exists():
+        raise RunError(f"{run_dir} already holds a run: use `cscflow resume {run_dir}` or another --run-dir")
+
+
 def explore(spec_path: str | Path, run_dir: str | Path, seeds=None) -> LoopState:
-    """Start a new exploration in `run_dir` and run it to the end."""
+    """Start a new exploration in `run_dir` and run it to the end.
+
+    Nothing is written before the spec's prerequisites pass (store, labeller, seeds)."""
     from cscflow.loop import exploration_flow
 
     spec = load_spec(spec_path)
     run_dir = Path(run_dir).resolve()
-    if (run_dir / "run.json").exists():
-        raise RunError(f"{run_dir} already holds a run: use `cscflow resume {run_dir}` or another --run-dir")
+    _refuse_existing(run_dir)
+    check_prerequisites(spec)  # its warnings (skipped seeds) are logged once, when the flow is built
     run_id = uuidlib.uuid4().hex[:12]
-    record_run(run_dir, run_id, spec, spec_path, "local")
-    flow = exploration_flow(spec, run_id, seeds=seeds)
-    return _run(flow, spec, run_dir)
+    flow = exploration_flow(spec, run_id, seeds=seeds)  # reads the seeds: fails before anything is written
+    with run_lock(run_dir, "cscflow explore"):
+        _refuse_existing(run_dir)  # another explore may have started meanwhile
+        record_run(run_dir, run_id, spec, spec_path, "local")
+        return _run(flow, spec, run_dir)
 
 
 def _latest_by_stage(store, run_id: str) -> dict[tuple[int, str], dict]:
@@ -172,19 +208,30 @@ def resume(run_dir: str | Path) -> LoopState:
 
     run_dir = Path(run_dir).resolve()
     run_id, spec = load_run(run_dir)
-    store = build_job_store(spec.store, run_dir)
-    store.connect()
-    state = rebuild_state(store, run_id, spec)
-    store.close()
-    if state is not None and state.converged:
+    state = _stored_state(run_dir, run_id, spec)
+    if state is not None and state.converged:  # read only: works on an archived run
         logger.info("run %s already finished: %s", run_id, state.stop_reason)
         return state
-    if state is None:
-        flow = exploration_flow(spec, run_id)
-    else:
-        flow = exploration_step(state)
-        _tag_trigger(flow, spec, run_id, state.iteration)
-    return _run(flow, spec, run_dir)
+    with run_lock(run_dir, "cscflow resume"):
+        state = _stored_state(run_dir, run_id, spec)  # what the lock's last holder left
+        if state is not None and state.converged:
+            logger.info("run %s already finished: %s", run_id, state.stop_reason)
+            return state
+        if state is None:
+            flow = exploration_flow(spec, run_id)
+        else:
+            flow = exploration_step(state)
+            _tag_trigger(flow, spec, run_id, state.iteration)
+        return _run(flow, spec, run_dir)
+
+
+def _stored_state(run_dir: Path, run_id: str, spec: ExplorationSpec) -> LoopState | None:
+    store = build_job_store(spec.store, run_dir)
+    store.connect()
+    try:
+        return rebuild_state(store, run_id, spec)
+    finally:
+        store.close()
 
 
 STATUS_COLUMNS = [

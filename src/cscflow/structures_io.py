@@ -117,8 +117,9 @@ def load_seed_files(
 ) -> tuple[list[SeedStructure], list[str]]:
     """Read all seed files; return (structures inside the chemical system, problems).
 
-    Structures with elements outside `elements` are dropped and listed as problems;
-    unreadable files are skipped (and listed) or raise, as `on_error` says.
+    Unreadable files and unusable structures (elements outside `elements`, disordered)
+    are skipped and listed as problems, or raise StructureReadError, as `on_error` says.
+    The caller reports the problems (once).
     """
     seeds: list[SeedStructure] = []
     problems: list[str] = []
@@ -129,7 +130,6 @@ def load_seed_files(
         except StructureReadError as exc:
             if on_error == "raise":
                 raise
-            logger.warning("skipping %s", exc)
             problems.append(str(exc))
             continue
         for seed in found:
@@ -141,9 +141,11 @@ def load_seed_files(
                 )
                 continue
             if not seed.structure.is_ordered:
-                problems.append(f"{seed.source}: {seed.label} is disordered; skipped")
+                problems.append(f"{seed.source}: {seed.label} is disordered")
                 continue
             seeds.append(seed)
+    if problems and on_error == "raise":
+        raise StructureReadError("; ".join(problems))
     return seeds, problems
 
 

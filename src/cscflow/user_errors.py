@@ -24,11 +24,12 @@ class UserError(click.ClickException):
 def _known() -> tuple[type[Exception], ...]:
     from cscflow.config import SpecError
     from cscflow.dispatch import DispatchError
+    from cscflow.runlock import RunLocked
     from cscflow.runner import RunError
     from cscflow.stores import StoreError
     from cscflow.structures_io import StructureReadError
 
-    return SpecError, RunError, StoreError, StructureReadError, DispatchError, FileNotFoundError
+    return SpecError, RunError, RunLocked, StoreError, StructureReadError, DispatchError, FileNotFoundError
 
 
 def user_errors(func):

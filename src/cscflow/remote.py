@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cscflow.config import ExplorationSpec, load_spec
-from cscflow.dispatch import DispatchError, _check_no_credentials
+from cscflow.dispatch import DispatchError
 from cscflow.runner import record_run
+from cscflow.stores import check_no_credentials
 
 __all__ = ["RemoteDispatchError", "RemoteSubmission", "check_remote_workers", "remote_flow", "submit_remote"]
 
@@ -68,7 +69,7 @@ def submit_remote(spec_path: str | Path, project: str | None, run_dir: str | Pat
                   seeds=None) -> RemoteSubmission:
     """Insert the exploration into a jobflow-remote project's queue (the daemon runs it)."""
     spec = load_spec(spec_path)
-    _check_no_credentials(spec)
+    check_no_credentials(spec.store)
     try:
         from jobflow_remote import submit_flow
     except ImportError:

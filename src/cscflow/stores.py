@@ -2,13 +2,16 @@
 
 Embedded default: two persistent MontyStores (sqlite) in the run directory, one for
 job documents and one `data` additional store for large arrays. With a MongoDB URI:
-MongoStore + GridFS. JSONStore is never used: it collapses documents that share a
+MongoStore + GridFS, journaled writes by default (``journal=True`` unless the URI sets
+``journal`` or ``w``): an acknowledged result is on disk, so a crash of the database
+server cannot lose it. JSONStore is never used: it collapses documents that share a
 uuid (dynamic flows re-use uuids with a new index) and loses outputs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import string
 from pathlib import Path
 
@@ -16,7 +19,12 @@ from jobflow import JobStore
 
 from cscflow.config import StoreSettings
 
-__all__ = ["StoreError", "build_job_store", "expand_env", "redact_uri"]
+__all__ = [
+    "JOURNALED", "StoreError", "build_job_store", "check_no_credentials", "expand_env", "journaled_kwargs", "redact_uri",
+]
+
+# pymongo client option: acknowledge a write only once it is in the server's journal.
+JOURNALED = {"journal": True}
 
 
 class StoreError(RuntimeError):
@@ -29,6 +37,19 @@ def redact_uri(uri: str) -> str:
         return uri
     scheme, rest = uri.split("://", 1)
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def check_no_credentials(settings) -> None:
+    """Refuse a literal user:password in store.uri (a spec or its StoreSettings): it would be
+    copied into every stored job document. ``${VAR}`` placeholders pass."""
+    uri = getattr(settings, "store", settings).uri or ""
+    userinfo = uri.split("://", 1)[-1].split("/", 1)[0].rpartition("@")[0]
+    if userinfo and not all(re.fullmatch(r"\$(\{[A-Za-z_]\w*\}|[A-Za-z_]\w*)", part) for part in userinfo.split(":")):
+        raise StoreError(
+            "store.uri contains credentials, which would be copied into every stored job document; "
+            "write them as environment variables (mongodb://${CSCFLOW_MONGO_USER}:${CSCFLOW_MONGO_PASSWORD}@host/...) "
+            "and give workers the store in their jobflow config (fworker_configs/jobflow_mongo.yaml)"
+        )
 
 
 def expand_env(value, source: str = "store.uri", error: type[Exception] = StoreError):
@@ -71,10 +92,17 @@ def _embedded_store(settings: StoreSettings, run_dir: Path) -> JobStore:
     return JobStore(docs, additional_stores={"data": data})
 
 
+def journaled_kwargs(uri: str = "") -> dict:
+    """MongoClient kwargs for a journaled write concern, unless the URI chooses its own."""
+    from urllib.parse import parse_qs, urlsplit
+
+    options = {k.lower() for k in parse_qs(urlsplit(uri).query)} if "?" in uri else set()
+    return {} if options & {"journal", "j", "w"} else dict(JOURNALED)
+
+
 def _mongo_store(settings: StoreSettings) -> JobStore:
     import pymongo
-    from maggma.stores import MongoURIStore
-    from maggma.stores.gridfs import GridFSURIStore
+    from maggma.stores import GridFSStore, MongoStore
 
     uri = expand_env(settings.uri)
     try:
@@ -90,7 +118,7 @@ def _mongo_store(settings: StoreSettings) -> JobStore:
             client.close()
         except Exception:
             pass
-    kwargs = {"database": settings.database, "mongoclient_kwargs": {"serverSelectionTimeoutMS": settings.timeout_ms}}
-    docs = MongoURIStore(uri, settings.docs_collection, key="uuid", **kwargs)
-    data = GridFSURIStore(uri, settings.data_collection, **{k: v for k, v in kwargs.items() if k == "database"})
+    client_kwargs = {**journaled_kwargs(uri), "serverSelectionTimeoutMS": settings.timeout_ms}
+    docs = MongoStore(settings.database, settings.docs_collection, uri=uri, key="uuid", mongoclient_kwargs=client_kwargs)
+    data = GridFSStore(settings.database, settings.data_collection, uri=uri, mongoclient_kwargs=journaled_kwargs(uri))
     return JobStore(docs, additional_stores={"data": data})

@@ -44,6 +44,10 @@ __all__ = [
 LOCAL_DIR = "fireworks"  # run_dir/fireworks holds the laptop-mode FireWorks files
 LOCAL_DB_NAME = "cscflow_fireworks"
 SERVER_DIR = "db"  # run_dir/db: the laptop-mode server's data, log and server.json
+WORKER_TIMEOUT_MS = 60_000  # laptop-mode workers: how long a store call waits for the server to be back
+# laptop-mode workers ping their running job every 10 s, so `lpad detect_lostruns --rerun` finds a
+# job whose worker died after 40 s without pinging (FireWorks' defaults: 1 h and 4 h, for clusters)
+PING_TIME_SECS, RUN_EXPIRATION_SECS = 10, 40
 
 
 class DispatchError(RuntimeError):
@@ -188,7 +192,10 @@ def write_worker_jobflow_config(spec: ExplorationSpec, run_dir: Path, force: boo
         return None
     from cscflow.stores import build_job_store
 
-    store = build_job_store(spec.store, run_dir)
+    settings = spec.store
+    if settings.uri:  # workers wait out a server restart instead of failing the job
+        settings = settings.model_copy(update={"timeout_ms": max(settings.timeout_ms, WORKER_TIMEOUT_MS)})
+    store = build_job_store(settings, run_dir)
     path = run_dir / "jobflow.yaml"
     path.write_text(yaml.safe_dump({"JOB_STORE": json.loads(json.dumps(store.as_dict()))}, sort_keys=False))
     return path
@@ -219,7 +226,8 @@ def write_local_configs(spec: ExplorationSpec, run_dir: Path, host: str, port: i
     fw_config = fw_dir / "FW_config.yaml"
     fw_config.write_text(
         "# Laptop mode: the LaunchPad is on the run's local server (cscflow server stop/start RUN).\n"
-        + yaml.safe_dump({"LAUNCHPAD_LOC": str(launchpad)})
+        + yaml.safe_dump({"LAUNCHPAD_LOC": str(launchpad), "PING_TIME_SECS": PING_TIME_SECS,
+                          "RUN_EXPIRATION_SECS": RUN_EXPIRATION_SECS})
     )
     files["fw_config"] = fw_config
     return files

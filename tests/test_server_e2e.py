@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # one iteration (it0 + it1) is enough to kill things in the middle of
 ONE_ITERATION = TINY.replace("max_iterations: 2", "max_iterations: 1")
-SCREENSHOT = REPO / "docs" / "images" / "webgui_local_server.png"
+SCREENSHOTS = REPO / "docs" / "images"  # webgui_workflow.png (graph), webgui_fireworks.png (names, states)
 
 
 class LocalRun:
@@ -261,20 +261,25 @@ def test_webgui_on_the_server_shows_the_workflow(explored, tmp_path):
             assert name in body
         assert "COMPLETED" in body
         args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                "--window-size=1400,1000", "--virtual-time-budget=8000", f"--screenshot={tmp_path / 'wf.png'}"]
+                "--window-size=1400,1000", "--virtual-time-budget=8000"]
         jquery = Path("/usr/share/javascript/jquery/jquery.min.js")
         if jquery.is_file():
             (tmp_path / "js").mkdir()
             shutil.copy(jquery, tmp_path / "js" / "jquery.min.js")
             httpd, js_port = _serve_dir(tmp_path / "js")
             args.append(f"--host-resolver-rules=MAP code.jquery.com 127.0.0.1:{js_port}")
-        res = subprocess.run([*args, url], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "HOME": str(tmp_path)})
-        png = tmp_path / "wf.png"
-        assert png.is_file() and png.stat().st_size > 20_000, res.stderr[-2000:]
-        if os.environ.get("CSCFLOW_UPDATE_SCREENSHOT"):
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            shutil.copy(png, SCREENSHOT)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fw/COMPLETED/", timeout=30) as resp:
+            listing = resp.read().decode()
+        assert f"{len(wf['nodes'])} completed Fireworks" in listing and "train it1" in listing
+        pages = {"webgui_workflow.png": url, "webgui_fireworks.png": f"http://127.0.0.1:{port}/fw/COMPLETED/"}
+        for name, page in pages.items():
+            res = subprocess.run([*args, f"--screenshot={tmp_path / name}", page], capture_output=True, text=True,
+                                 timeout=120, env={**os.environ, "HOME": str(tmp_path)})
+            png = tmp_path / name
+            assert png.is_file() and png.stat().st_size > 20_000, res.stderr[-2000:]
+            if os.environ.get("CSCFLOW_UPDATE_SCREENSHOT"):
+                SCREENSHOTS.mkdir(exist_ok=True)
+                shutil.copy(png, SCREENSHOTS / name)
     finally:
         gui.terminate()
         gui.wait(timeout=30)
@@ -312,6 +317,8 @@ def _assert_once_except(run: LocalRun, twice: set[str]) -> dict[str, list[str]]:
     return ran_on
 
 
+@pytest.mark.slow  # ~3 min here (loaded machine): waits 40 s for the lost run to expire
+@pytest.mark.timeout(900)
 def test_worker_killed_mid_job_is_rerun_by_detect_lostruns(tmp_path):
     """kill -9 of the GPU worker during `train it1`; `lpad detect_lostruns --rerun` as in docs/cluster.md."""
     run = _recovery_run(tmp_path)
@@ -350,6 +357,8 @@ def test_worker_killed_mid_job_is_rerun_by_detect_lostruns(tmp_path):
         run.close()
 
 
+@pytest.mark.slow  # ~2 min here
+@pytest.mark.timeout(900)
 def test_server_killed_mid_run_restarts_on_its_directory_and_nothing_is_lost(tmp_path):
     """kill -9 of the database server while workers run; restart on the same data directory and port."""
     from cscflow.localserver import LocalServer

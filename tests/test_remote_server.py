@@ -25,7 +25,7 @@ WORKERS = {"gpu": "gpu_worker", "cpu": "cpu_worker"}  # the names of fworker_con
 
 def _project(tmp_path: Path, port: int, db: str) -> dict:
     mongo = {"host": "127.0.0.1", "port": port, "database": db, "mongoclient_kwargs": {"journal": True}}
-    env = f"export OMP_NUM_THREADS=1 PYTHONPATH={os.environ.get('PYTHONPATH', '')}"
+    env = f"export OMP_NUM_THREADS=1 PATH={BIN}:$PATH PYTHONPATH={os.environ.get('PYTHONPATH', '')}"
     return {
         "name": "cscflow_test",
         "workers": {

@@ -112,6 +112,7 @@ def _mongo_store(settings: StoreSettings) -> JobStore:
         raise StoreError(
             f"cannot reach MongoDB at {redact_uri(uri)} within "
             f"{settings.timeout_ms / 1000:g} s ({type(exc).__name__}); check store.uri"
+            + ("; for a `cscflow submit --local` run: cscflow server start RUN_DIR" if "127.0.0.1" in uri else "")
         ) from None
     finally:
         try:

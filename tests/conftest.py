@@ -53,3 +53,11 @@ def structure_from_record(record: dict):
 def lips_structures(lips_records) -> dict:
     """MP id -> pymatgen Structure for every Li-P-S record."""
     return {r["id"]: structure_from_record(r) for r in lips_records}
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory):
+    """A real MongoDB-wire server (secantusd-py) for the session: `.uri`, `.port` (tests/dbserver.py)."""
+    from dbserver import database_server
+
+    yield from database_server(tmp_path_factory)

@@ -1,17 +1,15 @@
-"""FireWorks dispatch: categories across dynamic iterations, config files, `cscflow submit`,
-and a two-iteration exploration run to completion by separate GPU-only and CPU-only `rlaunch`
-processes on a mongomock LaunchPad, then browsed with `lpad webgui` on a copy."""
+"""FireWorks dispatch: categories across dynamic iterations, config files, journaled write
+concern, `cscflow submit` errors. The end-to-end runs on a real server (concurrent workers,
+killed workers, a killed server, the web GUI) are in tests/test_server_e2e.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -257,119 +255,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# --------------------------------------------------------------------------- end to end
-
-
-def _local_db(run_dir: Path) -> dict:
-    """The mongomock LaunchPad as FireWorks persisted it: {collection: [documents]}."""
-    from bson import json_util
-
-    raw = json_util.loads((run_dir / "fireworks" / "launchpad.json").read_text())
-    db = raw["cscflow_fireworks"]
-    return {name: [doc for _, doc in coll["documents"]] for name, coll in db.items()}
-
-
-def _rlaunch(run_dir: Path, worker: Path, env) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "rlaunch"), "-l", str(run_dir / "fireworks" / "my_launchpad.yaml"), "-w", str(worker),
-           "rapidfire", "--max_loops", "1", "--sleep", "1"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run_dir / "jobs", timeout=600)
-
-
-@pytest.mark.timeout(900)
-def test_two_iterations_on_gpu_and_cpu_workers_then_webgui(tmp_path, tiny_spec):
-    from cscflow.runner import format_status, load_run, rebuild_state
-    from cscflow.stores import build_job_store
-
-    run_dir = tmp_path / "run"
-    out = _cli("submit", str(tiny_spec), "--local", "--run-dir", str(run_dir))
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "ONE rlaunch at a time" in out.stdout
-    env_lines = (run_dir / "worker_env.sh").read_text().splitlines()
-    worker_env = dict(line.removeprefix("export ").split("=", 1) for line in env_lines if line.startswith("export "))
-    assert set(worker_env) == {"FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE"}
-    env = _env(**worker_env)
-    assert len(_local_db(run_dir)["fireworks"]) == 4
-
-    # Alternate single GPU-only and CPU-only workers (the mongomock file is single-writer).
-    workers = {"cscflow_gpu": CONFIGS / "gpu" / "my_fworker.yaml", "cscflow_cpu": CONFIGS / "cpu" / "my_fworker.yaml"}
-    logs = []
-    for _ in range(12):
-        launched = 0
-        for worker in workers.values():
-            before = len(_local_db(run_dir).get("launches", []))
-            result = _rlaunch(run_dir, worker, env)
-            logs.append(result.stdout[-3000:] + result.stderr[-3000:])
-            assert result.returncode == 0, logs[-1]
-            launched += len(_local_db(run_dir).get("launches", [])) - before
-        states = {fw["state"] for fw in _local_db(run_dir)["fireworks"]}
-        if states == {"COMPLETED"}:
-            break
-        assert launched, f"no worker could run anything; states {states}\n" + "\n".join(logs[-2:])
-    db = _local_db(run_dir)
-    fws = db["fireworks"]
-    assert {fw["state"] for fw in fws} == {"COMPLETED"}, "\n".join(logs[-2:])
-    assert [wf["state"] for wf in db["workflows"]] == ["COMPLETED"]
-
-    run_id, spec = load_run(run_dir)
-    launch_worker = {launch["launch_id"]: launch["fworker"]["name"] for launch in db["launches"]}
-    seen = set()
-    for fw in fws:
-        stage, k = fw["spec"]["stage"], fw["spec"]["iteration"]
-        seen.add((k, stage))
-        assert fw["spec"]["run_id"] == run_id
-        want = spec.dispatch.category(stage) or spec.dispatch.category("trigger")
-        assert fw["spec"].get("_category") == want, (fw["name"], fw["spec"].get("_category"))
-        ran_on = {launch_worker[i] for i in fw["launches"]}
-        assert ran_on == {f"cscflow_{want}"}, (fw["name"], ran_on)
-    for stage in ("generate", "relax", "train"):
-        assert (2, stage) in seen
-    assert {(k, s) for k, s in seen if s == "trigger"} == {(0, "trigger"), (1, "trigger"), (2, "trigger")}
-
-    # Results are in the run's embedded store and the usual tools read them.
-    store = build_job_store(spec.store, run_dir)
-    store.connect()
-    try:
-        state = rebuild_state(store, run_id, spec)
-        assert state.converged and [d.iteration for d in state.history] == [1, 2]
-        scored = store.query_one({"metadata.run_id": run_id, "metadata.stage": "score", "metadata.iteration": 2}, load=True)
-        assert scored["output"]["candidates"] and all("e_hull" in c for c in scored["output"]["candidates"])
-        train = store.query_one({"metadata.run_id": run_id, "metadata.stage": "train", "metadata.iteration": 2}, load=True)
-        assert Path(train["output"]["model_path"]).is_file()
-        _run_documented_queries(store, run_id)
-    finally:
-        store.close()
-    assert "finished: max_iterations" in format_status(run_dir)
-
-    # The web GUI, on a copy of the LaunchPad file, loopback only; stopped by the test.
-    copy_dir = tmp_path / "gui"
-    copy_dir.mkdir()
-    shutil.copy(run_dir / "fireworks" / "launchpad.json", copy_dir / "launchpad.json")
-    (copy_dir / "FW_config.yaml").write_text(yaml.safe_dump({"MONGOMOCK_SERVERSTORE_FILE": str(copy_dir / "launchpad.json")}))
-    port = _free_port()
-    gui = subprocess.Popen(
-        [str(BIN / "lpad"), "-l", str(run_dir / "fireworks" / "my_launchpad.yaml"), "webgui", "-s",
-         "--host", "127.0.0.1", "--port", str(port), "--nworkers", "1"],
-        env=_env(FW_CONFIG_FILE=str(copy_dir / "FW_config.yaml")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        wf_id = min(fw["fw_id"] for fw in fws)
-        url = f"http://127.0.0.1:{port}/wf/{wf_id}"
-        deadline, status, body = time.time() + 90, None, ""
-        while time.time() < deadline and status is None:
-            try:
-                with urllib.request.urlopen(url, timeout=10) as resp:
-                    status, body = resp.status, resp.read().decode()
-            except OSError:
-                assert gui.poll() is None, gui.stdout.read().decode()[-2000:]
-                time.sleep(1)
-        assert status == 200
-        assert f"cscflow tiny {run_id}" in body
-    finally:
-        gui.terminate()
-        gui.wait(timeout=30)
-    assert gui.returncode is not None
-
-
 def test_literal_store_credentials_are_refused_but_variables_pass(tmp_path):
     from cscflow.config import load_spec
     from cscflow.stores import StoreError, check_no_credentials
@@ -382,34 +267,23 @@ def test_literal_store_credentials_are_refused_but_variables_pass(tmp_path):
     check_no_credentials(load_spec(spec_file).store)
 
 
-def _run_documented_queries(store, run_id):
-    """The ready-to-paste queries of docs/cluster.md, run on this finished exploration.
+def test_stores_and_launchpads_write_journaled(mongo_server, tmp_path):
+    """A write is acknowledged only once journaled (j=True), unless the URI chooses its own concern."""
+    from cscflow.config import StoreSettings
+    from cscflow.dispatch import connect_launchpad
+    from cscflow.stores import build_job_store, journaled_kwargs
 
-    pymongo blocks get a mongomock collection holding the same job documents.
-    """
-    import contextlib
-    import io
-    import re
-
-    import mongomock
-
-    text = (REPO / "docs" / "cluster.md").read_text()
-    section = text.split("<!-- queries:begin -->", 1)[1].split("<!-- queries:end -->", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 4
-    docs = mongomock.MongoClient()["cscflow"]["outputs"]
-    docs.insert_many([{k: v for k, v in d.items() if k != "_id"} for d in store.docs_store.query({})])
-    namespace = {"store": store, "docs": docs, "run_id": run_id}
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        for block in blocks:
-            exec(compile(block, "docs/cluster.md", "exec"), namespace)
-    out = printed.getvalue()
-    assert namespace["doc"]["metadata"]["iteration"] == 2
-    assert all(c["e_hull"] < 0.03 and c["is_stable"] for c in namespace["sun"])
-    assert namespace["training_set"] and len(namespace["training_set"]) == len(namespace["train_ids"])
-    assert sorted(namespace["history"]) == [1, 2]
-    assert "finished: max_iterations" in out
-    assert "DFT frames from" in out
-    assert namespace["latest"]["provenance"]["candidate_id"] == namespace["cid"]
-    assert namespace["latest"]["provenance"]["iteration"] == 2
+    store = build_job_store(StoreSettings(uri=mongo_server.uri, database="t_journal"))
+    store.connect()
+    try:
+        assert store.docs_store._collection.write_concern.document == {"j": True}
+        assert store.additional_stores["data"]._chunks_collection.write_concern.document == {"j": True}
+    finally:
+        store.close()
+    assert journaled_kwargs("mongodb://h/?w=1") == {} and journaled_kwargs("mongodb://h/db") == {"journal": True}
+    lp_file = tmp_path / "lp.yaml"
+    lp_file.write_text(f"host: 127.0.0.1\nport: {mongo_server.port}\nname: t_journal_fw\n")
+    lp = connect_launchpad(lp_file)
+    assert lp.db.write_concern.document == {"j": True}
+    for template in ("my_launchpad.yaml", "jobflow_mongo.yaml", "jobflow_remote/cscflow.yaml"):
+        assert "journal: true" in (CONFIGS / template).read_text(), template

@@ -139,9 +139,99 @@ def _register_optional_commands():
 
 _register_optional_commands()
 
-from cscflow.dispatch import submit_command  # noqa: E402  (FireWorks is imported lazily)
+@main.command("submit")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--launchpad", "-l", type=click.Path(dir_okay=False), default=None,
+              help="LaunchPad YAML (default: FireWorks' lookup: FW_config.yaml, ~/.fireworks/my_launchpad.yaml).")
+@click.option("--local", is_flag=True,
+              help="Laptop mode: a local MongoDB-wire server in the run dir holds the LaunchPad and the results; "
+                   "one worker per category, several at once.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<spec name>); holds run.json and the embedded store.")
+@click.option("--jobflow-remote", "remote_project", default=None, metavar="PROJECT",
+              help="Submit to this jobflow-remote project instead of FireWorks (workers from dispatch.remote_workers).")
+@user_errors
+def submit(spec, launchpad, local, run_dir, remote_project):
+    """Submit SPEC.yaml as a FireWorks workflow; run it with rlaunch/qlaunch workers."""
+    from cscflow.dispatch import DispatchError, local_worker_commands, submit as submit_fireworks
 
-main.add_command(submit_command, name="submit")
+    if remote_project is not None:
+        if local or launchpad:
+            raise DispatchError("--jobflow-remote excludes --local and --launchpad")
+        from cscflow.remote import submit_remote
+
+        rsub = submit_remote(spec, remote_project, run_dir=run_dir)
+        workers = ", ".join(f"{k}: {v}" for k, v in sorted(rsub.workers.items()))
+        click.echo(f"submitted run {rsub.run_id}: {len(rsub.job_ids)} jobs ({workers}) to jobflow-remote project "
+                   f"{remote_project}")
+        click.echo(f"run directory: {rsub.run_dir}")
+        click.echo(f"run it:  jf -p {remote_project} runner start ; watch: jf -p {remote_project} job list")
+        return
+    sub = submit_fireworks(spec, run_dir=run_dir, launchpad=launchpad, local=local)
+    cats = ", ".join(f"{k}: {v}" for k, v in sorted(sub.categories.items()))
+    click.echo(f"submitted run {sub.run_id}: {len(sub.fw_ids)} Fireworks ({cats}) to {sub.launchpad}")
+    click.echo(f"run directory: {sub.run_dir}")
+    env_file = sub.run_dir / "worker_env.sh"
+    if sub.local:
+        click.echo("start the workers, each in its own terminal (they may run at once; Ctrl-C them when "
+                   f"`cscflow status {sub.run_dir}` says finished):")
+        for line in local_worker_commands(sub.run_dir):
+            click.echo(f"  {line}")
+        click.echo(f"stop the local server when done: cscflow server stop {sub.run_dir}")
+    else:
+        if sub.worker_env:
+            click.echo(f"workers need: source {env_file}   (embedded store: one worker at a time)")
+        click.echo("run it:  qlaunch -c fworker_configs/gpu rapidfire ; qlaunch -c fworker_configs/cpu rapidfire")
+
+
+@main.group()
+def server():
+    """The local MongoDB-wire server of a `cscflow submit --local` run (secantusd-py, its own process)."""
+
+
+def _run_server(run_dir):
+    from cscflow.dispatch import SERVER_DIR
+    from cscflow.localserver import LocalServer
+    from cscflow.runner import RunError
+
+    path = os.path.join(run_dir, SERVER_DIR)
+    if not os.path.isfile(os.path.join(path, "server.json")):
+        raise RunError(f"{run_dir}: no local server (only `cscflow submit --local` runs have one)")
+    return LocalServer(path)
+
+
+@server.command("start")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@user_errors
+def server_start(run_dir):
+    """Start RUN_DIR's server again on its data and port (reuses a running one)."""
+    from cscflow.localserver import LocalServerError
+    from cscflow.runner import RunError
+
+    srv = _run_server(run_dir)
+    try:
+        srv.start()
+    except LocalServerError as exc:
+        raise RunError(str(exc)) from None
+    click.echo(f"server {srv.uri} (pid {srv.pid}) on {srv.storage}")
+
+
+@server.command("stop")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@user_errors
+def server_stop(run_dir):
+    """Stop RUN_DIR's server (SIGTERM, then kill); its data stay for `cscflow server start`."""
+    srv = _run_server(run_dir)
+    click.echo(f"stopped {srv.uri}" if srv.stop() else f"{srv.uri} was not running")
+
+
+@server.command("status")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@user_errors
+def server_status(run_dir):
+    """Whether RUN_DIR's server is running, and its URI."""
+    srv = _run_server(run_dir)
+    click.echo(f"{srv.uri} {'running (pid %s)' % srv.pid if srv.running() else 'stopped'} on {srv.storage}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,27 +7,24 @@ jobflow configuration (``JOBFLOW_CONFIG_FILE``). Each stage carries a FireWorks
 workers); the loop sets it per job with ``dynamic=False`` so that iterations added at run
 time keep their own categories.
 
-Laptop mode (``--local``) uses FireWorks' mongomock persistence: the LaunchPad lives in one
-JSON file in the run directory that a FireWorks process reads at start and writes back at
-exit. That file is single-writer: run one ``rlaunch`` at a time (two at once run jobs twice
-and the last to exit overwrites the other's work), and only open ``lpad webgui`` on a copy.
+Laptop mode (``--local``) starts (or reuses) a local MongoDB-wire server in the run
+directory (:mod:`cscflow.localserver`): the LaunchPad and the results store (MongoStore +
+GridFS) live on it, so several ``rlaunch`` workers may run at once, one per category.
+Every LaunchPad and JobStore cscflow writes or opens uses a journaled write concern.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import uuid as uuidlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import yaml
 
 from cscflow.config import ExplorationSpec, load_spec
-from cscflow.user_errors import user_errors
+from cscflow.stores import JOURNALED
 
 __all__ = [
     "DispatchError",
@@ -37,8 +34,8 @@ __all__ = [
     "fworker_categories",
     "missing_categories",
     "read_launchpad_file",
+    "local_worker_commands",
     "submit",
-    "submit_command",
     "workflow_for_run",
     "write_local_configs",
     "write_worker_jobflow_config",
@@ -46,10 +43,11 @@ __all__ = [
 
 LOCAL_DIR = "fireworks"  # run_dir/fireworks holds the laptop-mode FireWorks files
 LOCAL_DB_NAME = "cscflow_fireworks"
-SINGLE_WRITER_NOTE = (
-    "laptop mode: the LaunchPad is one mongomock file, written back when a FireWorks process exits; "
-    "run ONE rlaunch at a time and open `lpad webgui` only on a copy of the file"
-)
+SERVER_DIR = "db"  # run_dir/db: the laptop-mode server's data, log and server.json
+WORKER_TIMEOUT_MS = 60_000  # laptop-mode workers: how long a store call waits for the server to be back
+# laptop-mode workers ping their running job every 10 s, so `lpad detect_lostruns --rerun` finds a
+# job whose worker died after 40 s without pinging (FireWorks' defaults: 1 h and 4 h, for clusters)
+PING_TIME_SECS, RUN_EXPIRATION_SECS = 10, 40
 
 
 class DispatchError(RuntimeError):
@@ -165,6 +163,8 @@ def connect_launchpad(path: str | Path | None = None, timeout_ms: int = 5000):
     config = read_launchpad_file(path)
     where = describe_launchpad(config)
     kwargs = dict(config.get("mongoclient_kwargs") or {})
+    if not {"w", "j", "journal"} & set(kwargs):
+        kwargs.update(JOURNALED)  # add_wf is acknowledged only once it is in the journal
     kwargs.setdefault("serverSelectionTimeoutMS", timeout_ms)
     kwargs.setdefault("connectTimeoutMS", timeout_ms)
     config["mongoclient_kwargs"] = kwargs
@@ -181,73 +181,86 @@ def connect_launchpad(path: str | Path | None = None, timeout_ms: int = 5000):
     return lp
 
 
-def _flush_local(lp) -> None:
-    """Write a mongomock LaunchPad to its file now (it is also written at process exit)."""
-    store = getattr(lp.connection, "_store", None)
-    if store is not None and hasattr(store, "_to_file") and getattr(store, "_filename", None):
-        store._to_file()
-
-
 # --------------------------------------------------------------------------- config files
 
 
-def write_worker_jobflow_config(spec: ExplorationSpec, run_dir: Path) -> Path | None:
-    """run_dir/jobflow.yaml: the run's embedded JobStore for workers (None with a MongoDB store)."""
-    if spec.store.uri:
+def write_worker_jobflow_config(spec: ExplorationSpec, run_dir: Path, force: bool = False) -> Path | None:
+    """run_dir/jobflow.yaml: the run's JobStore for workers. Written for the embedded store and
+    (`force`) for laptop mode's local server; with a user's MongoDB URI, workers bring their
+    own config (the URI may hold ${VAR} credentials that must not land in a file)."""
+    if spec.store.uri and not force:
         return None
     from cscflow.stores import build_job_store
 
-    store = build_job_store(spec.store, run_dir, run_lock=True)  # one worker process at a time
+    settings = spec.store
+    if settings.uri:  # workers wait out a server restart instead of failing the job
+        settings = settings.model_copy(update={"timeout_ms": max(settings.timeout_ms, WORKER_TIMEOUT_MS)})
+    store = build_job_store(settings, run_dir, run_lock=True)  # embedded store: one worker process at a time
     path = run_dir / "jobflow.yaml"
     path.write_text(yaml.safe_dump({"JOB_STORE": json.loads(json.dumps(store.as_dict()))}, sort_keys=False))
     return path
 
 
-def write_local_configs(spec: ExplorationSpec, run_dir: Path) -> dict[str, Path]:
-    """Laptop-mode FireWorks files in run_dir/fireworks: mongomock file, FW_config, LaunchPad, one worker."""
+def _fworker_file(category: str | None) -> str:
+    return f"fworker_{category or 'uncategorised'}.yaml"
+
+
+def write_local_configs(spec: ExplorationSpec, run_dir: Path, host: str, port: int) -> dict[str, Path]:
+    """Laptop-mode FireWorks files in run_dir/fireworks: LaunchPad on the local server, FW_config,
+    and one fworker per category (plus one for uncategorised stages if the spec has any)."""
     fw_dir = run_dir / LOCAL_DIR
     fw_dir.mkdir(parents=True, exist_ok=True)
-    db_file = fw_dir / "launchpad.json"
-    if not db_file.exists():
-        db_file.write_text("{}")
     launchpad = fw_dir / "my_launchpad.yaml"
-    launchpad.write_text(yaml.safe_dump({"host": "localhost", "port": 27017, "name": LOCAL_DB_NAME, "logdir": None}))
-    fworker = fw_dir / "my_fworker.yaml"
-    fworker.write_text(
-        yaml.safe_dump({"name": "laptop", "category": fworker_categories(spec), "query": "{}"}, sort_keys=False)
-    )
+    launchpad.write_text(yaml.safe_dump({
+        "host": host, "port": port, "name": LOCAL_DB_NAME, "logdir": None, "strm_lvl": "INFO",
+        "mongoclient_kwargs": dict(JOURNALED),
+    }, sort_keys=False))
+    files = {"launchpad": launchpad}
+    used = {spec.dispatch.category(stage) for stage in (*spec.dispatch.categories, "link")}
+    for category in sorted(used, key=lambda c: (c is None, c or "")):
+        path = fw_dir / _fworker_file(category)
+        path.write_text(yaml.safe_dump(
+            {"name": f"laptop_{category or 'uncategorised'}", "category": category or "__none__", "query": "{}"},
+            sort_keys=False))
+        files[f"fworker:{category}"] = path
     fw_config = fw_dir / "FW_config.yaml"
     fw_config.write_text(
-        "# Laptop mode: single-writer mongomock LaunchPad. Run ONE FireWorks process at a time.\n"
-        + yaml.safe_dump(
-            {"MONGOMOCK_SERVERSTORE_FILE": str(db_file), "LAUNCHPAD_LOC": str(launchpad), "FWORKER_LOC": str(fworker)}
-        )
+        "# Laptop mode: the LaunchPad is on the run's local server (cscflow server stop/start RUN).\n"
+        + yaml.safe_dump({"LAUNCHPAD_LOC": str(launchpad), "PING_TIME_SECS": PING_TIME_SECS,
+                          "RUN_EXPIRATION_SECS": RUN_EXPIRATION_SECS})
     )
-    return {"db": db_file, "launchpad": launchpad, "fworker": fworker, "fw_config": fw_config}
+    files["fw_config"] = fw_config
+    return files
 
 
-def _use_mongomock(db_file: Path) -> None:
-    """Point FireWorks at the mongomock file; must happen before FireWorks is first imported."""
-    os.environ["MONGOMOCK_SERVERSTORE_FILE"] = str(db_file)
-    fw_config = sys.modules.get("fireworks.fw_config")
-    if fw_config is not None and fw_config.MONGOMOCK_SERVERSTORE_FILE != str(db_file):
-        raise DispatchError(
-            "FireWorks was already loaded in this process with another LaunchPad; "
-            "run `cscflow submit --local` as its own command"
-        )
+def local_worker_commands(run_dir: str | Path) -> list[str]:
+    """One shell line per laptop-mode worker; run each in its own terminal (they may run at once)."""
+    run_dir = Path(run_dir).resolve()
+    env_file = run_dir / "worker_env.sh"
+    return [
+        f"source {env_file} && cd {run_dir / 'jobs'} && rlaunch -w {path} rapidfire --nlaunches infinite --sleep 5"
+        for path in sorted((run_dir / LOCAL_DIR).glob("fworker_*.yaml"))
+    ]
 
 
 def _write_env_file(run_dir: Path, env: dict[str, str]) -> Path:
     path = run_dir / "worker_env.sh"
     lines = ["# source this before rlaunch/qlaunch/lpad for this run"]
     lines += [f"export {k}={v}" for k, v in env.items()]
-    if (run_dir / LOCAL_DIR).is_dir():
-        lines.append(f"# {SINGLE_WRITER_NOTE}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 # --------------------------------------------------------------------------- submit
+
+
+def _start_local_server(run_dir: Path):
+    from cscflow.localserver import LocalServer, LocalServerError
+
+    try:
+        return LocalServer(run_dir / SERVER_DIR).start()
+    except LocalServerError as exc:
+        raise DispatchError(f"--local: {exc}") from None
 
 
 def submit(
@@ -257,7 +270,7 @@ def submit(
     local: bool = False,
     seeds=None,
 ) -> Submission:
-    """Build the exploration workflow and add it to a LaunchPad (or a laptop-mode mongomock file)."""
+    """Build the exploration workflow and add it to a LaunchPad (or the run's local server)."""
     spec = load_spec(spec_path)
     from cscflow.prerequisites import check_prerequisites
 
@@ -268,26 +281,27 @@ def submit(
     if local and launchpad is not None:
         raise DispatchError("--local and --launchpad exclude each other")
     if local and spec.store.uri:
-        raise DispatchError("--local uses the embedded store; remove store.uri from the spec")
+        raise DispatchError("--local keeps the results on the run's own server; remove store.uri from the spec")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "jobs").mkdir(exist_ok=True)
     env: dict[str, str] = {}
+    server = None
     if local:
-        files = write_local_configs(spec, run_dir)
-        _use_mongomock(files["db"])
+        server = _start_local_server(run_dir)  # creates run_dir
+        # The recorded spec points at the local server, so `cscflow status/report RUN` read it.
+        spec = spec.model_copy(update={"store": spec.store.model_copy(update={"uri": server.uri})})
+        files = write_local_configs(spec, run_dir, server.host, server.port)
         launchpad = files["launchpad"]
         env["FW_CONFIG_FILE"] = str(files["fw_config"])
-    jobflow_config = write_worker_jobflow_config(spec, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "jobs").mkdir(exist_ok=True)
+    jobflow_config = write_worker_jobflow_config(spec, run_dir, force=local)
     if jobflow_config is not None:
         env["JOBFLOW_CONFIG_FILE"] = str(jobflow_config)
 
     lp = connect_launchpad(launchpad, timeout_ms=spec.store.timeout_ms)
-    where = "mongomock file " + str(run_dir / LOCAL_DIR / "launchpad.json") if local else describe_launchpad(
-        read_launchpad_file(launchpad or _default_launchpad_file())
-    )
+    where = describe_launchpad(read_launchpad_file(launchpad or _default_launchpad_file()))
     if local and lp.fw_id_assigner.count_documents({}) == 0:
-        lp.reset("", require_password=False)  # a fresh file: create FireWorks' id counters
+        lp.reset("", require_password=False)  # a fresh server: create FireWorks' id counters
 
     run_id = uuidlib.uuid4().hex[:12]
     wf = workflow_for_run(spec, run_id, seeds=seeds)
@@ -296,11 +310,13 @@ def submit(
         raise DispatchError("Fireworks with the wrong _category: " + "; ".join(wrong))
     from cscflow.runner import record_run
 
-    record_run(run_dir, run_id, spec, spec_path, "fireworks-local" if local else "fireworks", launchpad=where)
+    extra = {"launchpad": where}
+    if server is not None:
+        extra["server"] = str(server.storage)
+    record_run(run_dir, run_id, spec, spec_path, "fireworks-local" if local else "fireworks", **extra)
     wf.to_file(str(run_dir / "workflow.json"))
     id_map = lp.add_wf(wf)
-    if local:
-        _flush_local(lp)
+    lp.connection.close()
     _write_env_file(run_dir, env)
     return Submission(
         run_id=run_id,
@@ -312,45 +328,3 @@ def submit(
         local=local,
         worker_env=env,
     )
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-@click.command("submit")
-@click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--launchpad", "-l", type=click.Path(dir_okay=False), default=None,
-              help="LaunchPad YAML (default: FireWorks' lookup: FW_config.yaml, ~/.fireworks/my_launchpad.yaml).")
-@click.option("--local", is_flag=True, help="Laptop mode: mongomock LaunchPad file in the run dir, one worker.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default: runs/<spec name>); holds run.json and the embedded store.")
-@click.option("--jobflow-remote", "remote_project", default=None, metavar="PROJECT",
-              help="Submit to this jobflow-remote project instead of FireWorks (workers from dispatch.remote_workers).")
-@user_errors
-def submit_command(spec, launchpad, local, run_dir, remote_project):
-    """Submit SPEC.yaml as a FireWorks workflow; run it with rlaunch/qlaunch workers."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if remote_project is not None:
-        if local or launchpad:
-            raise DispatchError("--jobflow-remote excludes --local and --launchpad")
-        from cscflow.remote import submit_remote
-
-        rsub = submit_remote(spec, remote_project, run_dir=run_dir)
-        workers = ", ".join(f"{k}: {v}" for k, v in sorted(rsub.workers.items()))
-        click.echo(f"submitted run {rsub.run_id}: {len(rsub.job_ids)} jobs ({workers}) to jobflow-remote project "
-                   f"{remote_project}")
-        click.echo(f"run directory: {rsub.run_dir}")
-        click.echo(f"run it:  jf -p {remote_project} runner start ; watch: jf -p {remote_project} job list")
-        return
-    sub = submit(spec, run_dir=run_dir, launchpad=launchpad, local=local)
-    cats = ", ".join(f"{k}: {v}" for k, v in sorted(sub.categories.items()))
-    click.echo(f"submitted run {sub.run_id}: {len(sub.fw_ids)} Fireworks ({cats}) to {sub.launchpad}")
-    click.echo(f"run directory: {sub.run_dir}")
-    env_file = sub.run_dir / "worker_env.sh"
-    if sub.local:
-        click.echo(f"note: {SINGLE_WRITER_NOTE}")
-        click.echo(f"run it:  source {env_file} && cd {sub.run_dir / 'jobs'} && rlaunch rapidfire")
-    else:
-        if sub.worker_env:
-            click.echo(f"workers need: source {env_file}   (embedded store: one worker at a time)")
-        click.echo("run it:  qlaunch -c fworker_configs/gpu rapidfire ; qlaunch -c fworker_configs/cpu rapidfire")

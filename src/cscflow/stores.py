@@ -2,7 +2,9 @@
 
 Embedded default: two persistent MontyStores (sqlite) in the run directory, one for
 job documents and one `data` additional store for large arrays. With a MongoDB URI:
-MongoStore + GridFS. JSONStore is never used: it collapses documents that share a
+MongoStore + GridFS, journaled writes by default (``journal=True`` unless the URI sets
+``journal`` or ``w``): an acknowledged result is on disk, so a crash of the database
+server cannot lose it. JSONStore is never used: it collapses documents that share a
 uuid (dynamic flows re-use uuids with a new index) and loses outputs.
 """
 
@@ -19,7 +21,13 @@ from maggma.stores import MontyStore
 
 from cscflow.config import StoreSettings
 
-__all__ = ["RunDirStore", "StoreError", "build_job_store", "check_no_credentials", "check_store", "expand_env", "redact_uri"]
+__all__ = [
+    "JOURNALED", "RunDirStore", "StoreError", "build_job_store", "check_no_credentials", "check_store",
+    "expand_env", "journaled_kwargs", "redact_uri",
+]
+
+# pymongo client option: acknowledge a write only once it is in the server's journal.
+JOURNALED = {"journal": True}
 
 
 class StoreError(RuntimeError):
@@ -202,10 +210,17 @@ def _embedded_store(settings: StoreSettings, run_dir: Path, run_lock: bool = Fal
     return JobStore(docs, additional_stores={"data": data})
 
 
+def journaled_kwargs(uri: str = "") -> dict:
+    """MongoClient kwargs for a journaled write concern, unless the URI chooses its own."""
+    from urllib.parse import parse_qs, urlsplit
+
+    options = {k.lower() for k in parse_qs(urlsplit(uri).query)} if "?" in uri else set()
+    return {} if options & {"journal", "j", "w"} else dict(JOURNALED)
+
+
 def _mongo_store(settings: StoreSettings) -> JobStore:
     import pymongo
-    from maggma.stores import MongoURIStore
-    from maggma.stores.gridfs import GridFSURIStore
+    from maggma.stores import GridFSStore, MongoStore
 
     uri = expand_env(settings.uri)
     try:
@@ -215,13 +230,14 @@ def _mongo_store(settings: StoreSettings) -> JobStore:
         raise StoreError(
             f"cannot reach MongoDB at {redact_uri(uri)} within "
             f"{settings.timeout_ms / 1000:g} s ({type(exc).__name__}); check store.uri"
+            + ("; for a `cscflow submit --local` run: cscflow server start RUN_DIR" if "127.0.0.1" in uri else "")
         ) from None
     finally:
         try:
             client.close()
         except Exception:
             pass
-    kwargs = {"database": settings.database, "mongoclient_kwargs": {"serverSelectionTimeoutMS": settings.timeout_ms}}
-    docs = MongoURIStore(uri, settings.docs_collection, key="uuid", **kwargs)
-    data = GridFSURIStore(uri, settings.data_collection, **{k: v for k, v in kwargs.items() if k == "database"})
+    client_kwargs = {**journaled_kwargs(uri), "serverSelectionTimeoutMS": settings.timeout_ms}
+    docs = MongoStore(settings.database, settings.docs_collection, uri=uri, key="uuid", mongoclient_kwargs=client_kwargs)
+    data = GridFSStore(settings.database, settings.data_collection, uri=uri, mongoclient_kwargs=journaled_kwargs(uri))
     return JobStore(docs, additional_stores={"data": data})

@@ -316,6 +316,10 @@ class MACETrainSettings(_Settings):
     validation_fraction: float = Field(0.05, gt=0, lt=1)
     r_max: float = Field(5.0, gt=0)
     batch_size: int = Field(4, ge=1)
+    # mace's "weighted" loss weights (its defaults)
+    energy_weight: float = Field(1.0, ge=0)
+    forces_weight: float = Field(100.0, ge=0)
+    stress_weight: float = Field(1.0, ge=0)
     # from-scratch model size (a foundation model keeps its own)
     model: str = "MACE"
     num_channels: int = Field(32, ge=1)

@@ -46,6 +46,7 @@ def make_args(settings: TrainingSettings, train_file: Path, foundation: str | No
         "--ema", f"--ema_decay={m.ema_decay}", f"--lr={m.lr}",
         "--scheduler=ReduceLROnPlateau", f"--lr_factor={m.lr_factor}", f"--scheduler_patience={m.scheduler_patience}",
         f"--patience={10 * total}", "--loss=weighted", "--compute_stress=True",
+        f"--energy_weight={m.energy_weight}", f"--forces_weight={m.forces_weight}", f"--stress_weight={m.stress_weight}",
         f"--device={device}", f"--seed={seed}", f"--default_dtype={m.default_dtype}",
         "--save_cpu", "--eval_interval=1", "--work_dir=.",
     ]

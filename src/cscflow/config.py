@@ -359,6 +359,12 @@ class MatterSimTrainSettings(_Settings):
     stress_loss_ratio: float = 0.1
     validation_fraction: float = Field(0.05, ge=0, lt=1)
     early_stop_patience: int = Field(1000, ge=1)
+    # refit the per-element energy shift / force scale to the training labels
+    # (None: only for a model from scratch)
+    re_normalize: bool | None = None
+    # from-scratch M3GNet size (a fine-tune keeps the checkpoint's)
+    num_blocks: int = Field(4, ge=1)
+    units: int = Field(128, ge=1)
 
 
 class TrainingSettings(_Settings):

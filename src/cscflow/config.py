@@ -266,8 +266,7 @@ class LabelSettings(_Settings):
 class CHGNetTrainSettings(_Settings):
     """CHGNet (``chgnet.trainer.Trainer``); fine-tunes the wheel's pretrained model by default."""
 
-    # wheel version to fine-tune ("0.3.0", "0.2.0", "r2scan"); None: from scratch.
-    # training.pretrained (a file) wins over this.
+    # wheel version to fine-tune ("0.3.0", "0.2.0", "r2scan") or a model file; None: from scratch.
     pretrained: str | None = "0.3.0"
     epochs: int = Field(50, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -287,7 +286,7 @@ class CHGNetTrainSettings(_Settings):
 class SevenNetTrainSettings(_Settings):
     """SevenNet (``sevenn`` CLI); defaults are its ``fine_tune`` preset from 7net-0."""
 
-    # model shipped in the wheel ("7net-0", "7net-l3i5"); None: from scratch.
+    # model shipped in the wheel ("7net-0", "7net-l3i5") or a checkpoint file; None: from scratch.
     pretrained: str | None = "7net-0"
     epochs: int = Field(100, ge=1)
     learning_rate: float = Field(0.004, gt=0)
@@ -326,7 +325,10 @@ class MACETrainSettings(_Settings):
     max_L: int = Field(1, ge=0)
     num_interactions: int = Field(2, ge=1)
     correlation: int = Field(3, ge=1)
-    # fine-tuning a foundation model (training.pretrained, e.g. MACE-MPA-0-medium):
+    # --foundation_model FILE to fine-tune (e.g. MACE-MPA-0-medium); None: from scratch
+    # (or from the previous iteration's model)
+    foundation_model: Path | None = None
+    # fine-tuning a foundation model:
     # multihead replay keeps the foundation head alive on replay data (local extxyz).
     multiheads_finetuning: bool = False
     replay_file: Path | None = Field(None, description="replay configurations for multihead fine-tuning")
@@ -338,6 +340,11 @@ class MACETrainSettings(_Settings):
     def _replay_exists(cls, value):
         return _existing_file(value, "training.mace.replay_file")
 
+    @field_validator("foundation_model")
+    @classmethod
+    def _foundation_exists(cls, value):
+        return _existing_file(value, "training.mace.foundation_model")
+
     @model_validator(mode="after")
     def _check(self) -> MACETrainSettings:
         if self.multiheads_finetuning and self.replay_file is None:
@@ -347,6 +354,10 @@ class MACETrainSettings(_Settings):
 
 class MatterSimTrainSettings(_Settings):
     """MatterSim (its finetune_mattersim.py); paper: 200 epochs, lr 1e-3 x0.8 every 4 epochs, 6 Å."""
+
+    # checkpoint file to fine-tune (e.g. MatterSim-v1.0.0-5M.pth); None: a random M3GNet
+    # (or the previous iteration's model)
+    pretrained: Path | None = None
 
     epochs: int = Field(200, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -366,16 +377,20 @@ class MatterSimTrainSettings(_Settings):
     num_blocks: int = Field(4, ge=1)
     units: int = Field(128, ge=1)
 
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_exists(cls, value):
+        return _existing_file(value, "training.mattersim.pretrained")
+
 
 class TrainingSettings(_Settings):
     """MLFF training (cscflow.trainers): `backend` picks the family, its block the schedule.
 
-    The flat DPA-3 keys (epochs, numb_steps, lr, prefactors, sizes) are deepmd's and
-    follow the paper (Methods 4.3); the chgnet/sevenn/mace/mattersim blocks hold theirs.
-    `pretrained` is a checkpoint file to fine-tune from for every family (DPA-3.1-3M,
-    MACE-MPA-0-medium, MatterSim-5M, a CHGNet/SevenNet file); CHGNet and SevenNet
-    otherwise start from the model shipped in their wheel (`chgnet.pretrained`,
-    `sevenn.pretrained`).
+    The flat DPA-3 keys (pretrained, model_branch, epochs, numb_steps, lr, prefactors,
+    sizes) are deepmd's and follow the paper (Methods 4.3); the chgnet/sevenn/mace/
+    mattersim blocks hold theirs, each with its own start model: `mace.foundation_model`
+    (MACE-MPA-0-medium), `mattersim.pretrained` (MatterSim-5M), `chgnet.pretrained` /
+    `sevenn.pretrained` (a model shipped in the wheel, or a file).
     """
 
     backend: Literal["deepmd", "mace", "mattersim", "chgnet", "sevenn", "none"] = "deepmd"
@@ -562,6 +577,8 @@ _PATH_KEYS = {
     ("forcefield", "model_path"): False,
     ("training", "pretrained"): False,
     ("training", "mace", "replay_file"): False,
+    ("training", "mace", "foundation_model"): False,
+    ("training", "mattersim", "pretrained"): False,
 }
 
 

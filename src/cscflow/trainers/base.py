@@ -59,19 +59,16 @@ class StartPoint(BaseModel):
         return self.kind if self.source is None else f"{self.kind}:{self.source}"
 
 
-def start_point(
-    settings: TrainingSettings, previous_model: str | Path | None, wheel_model: str | None = None
-) -> StartPoint:
-    """First match wins: training.pretrained (a file) > the wheel's model > previous_model > scratch.
+def start_point(previous_model: str | Path | None, foundation: str | Path | None = None) -> StartPoint:
+    """First match wins: the family's foundation model (a file or a wheel's model name) >
+    previous_model > scratch.
 
     A foundation model (file or wheel) is re-fine-tuned every iteration on the cumulative
     training set, as the paper does, so errors do not pile up across iterations;
     previous_model (last iteration's checkpoint) is used only without one.
     """
-    if settings.pretrained is not None:
-        return StartPoint(kind="pretrained", source=str(settings.pretrained))
-    if wheel_model is not None:
-        return StartPoint(kind="pretrained", source=wheel_model)
+    if foundation is not None:
+        return StartPoint(kind="pretrained", source=str(foundation))
     if previous_model is not None:
         previous = Path(previous_model).expanduser().resolve()
         if not previous.is_file():

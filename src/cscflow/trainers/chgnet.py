@@ -45,7 +45,7 @@ def _load_start(kind: str, source: str | None, model_args: dict):
     except Exception as exc:
         raise ValueError(
             f"{source} is not a CHGNet model file ({type(exc).__name__}: {exc}); "
-            "pass a TrainOutput.checkpoint_path of a CHGNet run or set training.pretrained"
+            "pass a TrainOutput.checkpoint_path of a CHGNet run or set training.chgnet.pretrained"
         ) from None
 
 
@@ -81,7 +81,7 @@ class CHGNetTrainer(Trainer):
         from torch.utils.data import DataLoader, Subset
 
         cs = settings.chgnet
-        start = start_point(settings, previous_model, cs.pretrained)
+        start = start_point(previous_model, cs.pretrained)
         torch.manual_seed(seed)
         model = _load_start(start.kind, start.source, cs.model_args)
         structures = [f.structure for f in frames]

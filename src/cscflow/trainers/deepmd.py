@@ -201,7 +201,7 @@ class DeepMDTrainer(Trainer):
                     f"previous_model must be a training checkpoint (.pt), got {previous.name}: "
                     "pass TrainOutput.checkpoint_path, not the frozen model_path"
                 )
-        start = start_point(settings, previous_model)
+        start = start_point(previous_model, settings.pretrained)
         frames = flatten_frames(frames)
         systems = frames_to_deepmd(frames, work_dir / "data" / "train", type_map)
         numb_steps = estimate_numb_steps(settings, [len(f.structure) for f in frames])

@@ -3,7 +3,7 @@
 Paper schedule (Methods 4.3) as defaults: ``epochs`` (400) in EMA mode at lr 0.01,
 ReduceLROnPlateau × 0.8 after 20 epochs of validation plateau, then ``swa_epochs`` (100)
 of SWA ("stage two") at lr 1e-3; 5 % validation; r_max 5 Å. A fine-tune passes the
-start model as ``--foundation_model FILE`` (training.pretrained, e.g. MACE-MPA-0-medium,
+start model as ``--foundation_model FILE`` (training.mace.foundation_model, e.g. MACE-MPA-0-medium,
 or the previous run's exported model); MACE-MPA-0's multihead fine-tuning keeps the
 foundation head on local replay data (``training.mace.replay_file``), nothing is
 downloaded. The exported ``.model`` (the stage-two model when SWA ran) is what
@@ -67,7 +67,7 @@ class MACETrainer(Trainer):
     name = "mace"
 
     def _train(self, frames: list[Frame], work_dir: Path, settings: TrainingSettings, type_map, previous_model, seed):
-        start = start_point(settings, previous_model)
+        start = start_point(previous_model, settings.mace.foundation_model)
         exe = shutil.which("mace_run_train", path=str(Path(sys.executable).parent)) or shutil.which("mace_run_train")
         if exe is None:
             raise TrainError("mace_run_train is not installed: scripts/bootstrap --with mace")

@@ -4,7 +4,7 @@ The same steps as mattersim's ``training/finetune_mattersim.py`` (``build_datalo
 ``Potential.from_checkpoint``, ``Potential.train_model`` with a Huber loss δ 0.01), run
 by a small driver instead of ``torchrun``: the script cannot set the StepLR factor
 (its 0.95 is fixed), and the paper's schedule needs 0.8 every 4 epochs (200 epochs,
-lr 1e-3, cutoff 6 Å). Fine-tuning starts from a checkpoint file (training.pretrained,
+lr 1e-3, cutoff 6 Å). Fine-tuning starts from a checkpoint file (training.mattersim.pretrained,
 e.g. MatterSim-v1.0.0-5M, or the previous run's); a model from scratch is a random
 M3GNet saved as a checkpoint first (notes/stack.md). The last epoch's
 checkpoint is exported; ``MatterSimCalculator`` (and so ``cscflow.forcefields``) loads it.
@@ -77,7 +77,7 @@ class MatterSimTrainer(Trainer):
         import numpy as np
 
         m = settings.mattersim
-        start = start_point(settings, previous_model)
+        start = start_point(previous_model, settings.mattersim.pretrained)
         order = np.random.default_rng(seed).permutation(len(frames))
         n_val = int(round(m.validation_fraction * len(frames))) if len(frames) > 1 else 0
         train_file = frames_to_extxyz([frames[i] for i in order[n_val:]], work_dir / "train.extxyz")

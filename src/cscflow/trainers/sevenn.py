@@ -2,7 +2,7 @@
 
 Defaults follow sevenn's ``fine_tune`` preset (Huber loss δ 0.01, Adam lr 0.004 × 0.99
 per epoch, force weight 1, stress weight 0.01). A fine-tune takes the architecture of
-its checkpoint (the wheel's 7net-0, training.pretrained or the previous run's) from the
+its checkpoint (the wheel's 7net-0, a file in training.sevenn.pretrained or the previous run's) from the
 checkpoint's own config, so one code path continues any SevenNet model; a model from
 scratch uses the small sizes in ``training.sevenn``. ``train_shift_scale`` lets the
 per-element energy shift follow labels of another code. The last epoch's checkpoint is
@@ -89,7 +89,7 @@ class SevenNetTrainer(Trainer):
     name = "sevenn"
 
     def _train(self, frames: list[Frame], work_dir: Path, settings: TrainingSettings, type_map, previous_model, seed):
-        start = start_point(settings, previous_model, settings.sevenn.pretrained)
+        start = start_point(previous_model, settings.sevenn.pretrained)
         checkpoint = None if start.kind == "scratch" else _checkpoint_file(start.source)
         train_file = frames_to_extxyz(frames, work_dir / "train.extxyz")
         config = make_input(settings, type_map, train_file, checkpoint, seed, resolve_device(settings.device))

@@ -18,6 +18,7 @@ tests/test_forcefields.py checks it against a finite-difference stress.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -124,6 +125,14 @@ def model_backend(path: str | Path) -> str | None:
     ``mace.modules`` classes, CHGNet/SevenNet/MatterSim checkpoints are dicts with their
     own keys.
     """
+    p = Path(path)
+    stat = p.stat()
+    return _sniff_backend(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _sniff_backend(path: str, mtime_ns: int, size: int) -> str | None:
+    """model_backend, once per file version (the key carries mtime and size)."""
     import zipfile
 
     p = Path(path)

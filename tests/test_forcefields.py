@@ -250,3 +250,42 @@ def test_relax_with_deepmd_model(frozen_dpa3, li2s):
     assert out[0].status == "relaxed", out[0].reject_reason
     assert out[0].model == tag
     assert np.isfinite(out[0].energy) and out[0].relax_steps is not None
+
+
+# --------------------------------------------------------------------------- trained-model families
+def test_model_family_is_read_from_the_file(tmp_path, li2s):
+    """A model_path argument is loaded by its own family (cscflow.trainers exports), whatever
+    the settings' backend; a file of no known family still means DeePMD."""
+    from chgnet.model import CHGNet
+    from chgnet.trainer import Trainer
+
+    from cscflow.downstream import atomate2_force_field, settings_calculator
+    from cscflow.forcefields import model_backend
+
+    unknown = tmp_path / "x.pth"
+    unknown.write_bytes(b"not a zip")
+    assert model_backend(unknown) is None and model_tag(ForceFieldSettings(), unknown).startswith("deepmd:")
+
+    ckpt = tmp_path / "chgnet_model.pth.tar"
+    Trainer(model=CHGNet.load(verbose=False), epochs=0).save(str(ckpt))
+    assert model_backend(ckpt) == "chgnet"
+    settings = ForceFieldSettings(backend="deepmd", model_path=unknown)  # the settings' family is ignored
+    calc = get_calculator(settings, ckpt)
+    assert model_tag(settings, ckpt).startswith("chgnet:chgnet_model.pth.tar#")
+    wheel = get_calculator(ForceFieldSettings())
+    ours = single_points([li2s], calc)[0]
+    np.testing.assert_allclose(ours["energy"], single_points([li2s], wheel)[0]["energy"], rtol=1e-6)
+    # atomate2 (QHA) gets the same model through cscflow's calculator factory
+    meta, kwargs = atomate2_force_field(ForceFieldSettings(), model_path=ckpt)
+    assert meta["@callable"] == "settings_calculator" and kwargs["override_model_path"] == str(ckpt.resolve())
+    assert single_points([li2s], settings_calculator(**kwargs))[0]["energy"] == pytest.approx(ours["energy"])
+
+
+def test_sevenn_wheel_model(li2s):
+    settings = ForceFieldSettings(backend="sevenn")
+    assert model_tag(settings) == "sevenn-7net-0"
+    result = single_points([li2s], get_calculator(settings))[0]
+    assert np.isfinite(result["energy"]) and result["forces"].shape == (len(li2s), 3)
+    assert -6 < result["energy"] / len(li2s) < -2  # eV/atom of Li2S near PBE
+    with pytest.raises(ValueError, match="forcefield.sevenn_model"):
+        model_tag(ForceFieldSettings(backend="sevenn", sevenn_model="7net-nope"))

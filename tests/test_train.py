@@ -182,3 +182,15 @@ def test_finetuning_a_pretrained_model_absorbs_another_codes_energy_offset(first
         moved.append((atoms.get_potential_energy() - before) / len(atoms))
     # two optimiser steps alone move energies by far less than 3 eV/atom: the shift is the bias
     assert np.mean(moved) == pytest.approx(shift, abs=0.5), moved
+
+
+@pytest.mark.slow
+def test_deepmd_backend_cycle(frames, tmp_path):
+    """The cycle every trainer passes (tests/trainer_checks.py): train, reload through
+    forcefields, relax, fine-tune from its own checkpoint, lower training-frame RMSE."""
+    from trainer_checks import check_cycle
+
+    first = TrainingSettings(numb_steps=20, n_train=1000, **TINY)
+    again = TrainingSettings(numb_steps=300, n_train=1000, **{**TINY, "decay_steps": 30})
+    out, _, _, _ = check_cycle("deepmd", first, again, frames, tmp_path)
+    assert out.start_from == "scratch"

@@ -122,6 +122,32 @@ def downstream(run_dir, only, quick, model, max_structures):
     click.echo(f"tables and figures: cscflow report {run_dir}")
 
 
+@main.command(name="compare-mlff")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--backends", default="deepmd,mace,mattersim", show_default=True,
+              help="Comma-separated families: deepmd, mace, mattersim, chgnet, sevenn.")
+@click.option("--n-train", "n_train", default="50,100,200", show_default=True,
+              help="Comma-separated training-set sizes (top-N frames by entropy gain).")
+@click.option("--train-iterations-max", type=int, default=None,
+              help="Iterations 0..K form the training pool (default: the spec's training.train_iterations_max).")
+@click.option("--epochs", type=int, default=None, help="Override every family's training length (quick looks).")
+@user_errors
+def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs):
+    """Train MLFF families on the same entropy-ranked frames of a run; Fig. 3a + parity plots."""
+    from cscflow.analysis.mlff_compare import format_table, run_compare
+    from cscflow.runner import RunError
+
+    _configure_logging()
+    try:
+        sizes = [int(x) for x in n_train.split(",") if x.strip()]
+    except ValueError:
+        raise RunError(f"--n-train must be comma-separated integers, got {n_train!r}") from None
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    result = run_compare(run_dir, backends=names, n_train=sizes, train_iterations_max=train_iterations_max,
+                         epochs=epochs)
+    click.echo(format_table(result))
+
+
 def _register_optional_commands():
     """Commands that live next to their analysis code."""
     try:

@@ -185,7 +185,13 @@ def atomate2_force_field(
     """
     from cscflow.config import ForceFieldSettings
 
+    from cscflow.forcefields import model_backend
+
     forcefield = forcefield or ForceFieldSettings()
+    meta = {"@module": __name__, "@callable": "settings_calculator"}
+    if model_path is not None and Path(model_path).is_file() and model_backend(model_path) not in (None, "deepmd"):
+        # a trained CHGNet/SevenNet/MACE/MatterSim model: cscflow.forcefields loads it
+        return meta, {**forcefield.model_dump(mode="json"), "override_model_path": str(Path(model_path).resolve())}
     path = model_path or forcefield.model_path
     if path is not None and (model_path is not None or forcefield.backend == "deepmd"):
         if not Path(path).is_file():
@@ -196,7 +202,6 @@ def atomate2_force_field(
         return "DeepMD", kwargs
     if forcefield.backend == "chgnet" and forcefield.chgnet_version == "0.3.0":
         return "CHGNet", {"use_device": forcefield.device}
-    meta = {"@module": __name__, "@callable": "settings_calculator"}
     return meta, forcefield.model_dump(mode="json")
 
 

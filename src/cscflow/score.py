@@ -10,7 +10,9 @@ hull as well would clip every such value to 0 and leave that bin empty.
 One model. Every energy on the hull must come from the same force field. References and
 earlier candidates whose `model` tag differs from the current model
 (`cscflow.forcefields.model_tag`) are recomputed as single points with the current
-calculator; how many were recomputed is recorded in ScoreOutput.recomputed.
+calculator, once per (structure, model): the energies go to the run's energy cache
+(cscflow.energies) and later scorings, resumed jobs and the report read them from there.
+ScoreOutput.recomputed counts new single points, ScoreOutput.reused cache hits.
 
 S.U.N. Stable: E_hull < settings.stability_threshold. Unique: no earlier *unique* candidate
 of this iteration (input order) matches it, ``fit(later, earlier)``. Novel: no reference and
@@ -50,6 +52,7 @@ from pymatgen.core import Structure
 
 from cscflow.checkpoint import resumable
 from cscflow.config import ForceFieldSettings, ScoreSettings
+from cscflow.energies import EnergyCache, energies_with_model, energy_cache_for
 from cscflow.schemas import Candidate, MatchKey, ReferenceEntry
 
 __all__ = [
@@ -90,6 +93,9 @@ class ScoreOutput(BaseModel):
     model: str | None = Field(None, description="force field whose energies built the hull")
     recomputed: dict[str, int] = Field(
         default_factory=dict, description="entries re-evaluated with `model`: references, previous, current"
+    )
+    reused: dict[str, int] = Field(
+        default_factory=dict, description="entries whose `model` energy came from the run's energy cache"
     )
     recomputed_from: list[str] = Field(default_factory=list, description="model tags replaced")
     n_hull_entries: int = 0
@@ -307,11 +313,14 @@ def score_candidates(
     settings: ScoreSettings | None = None,
     model: str | None = None,
     recompute: Recompute | None = None,
+    energy_cache: EnergyCache | None = None,
 ) -> ScoreOutput:
     """E_hull and S.U.N. flags; returns new Candidate objects (inputs are not modified).
 
-    `model`: the current force-field tag. Entries with another tag are re-evaluated with
-    `recompute`; without `recompute` a mismatch is an error (a hull mixing models is wrong).
+    `model`: the current force-field tag. Entries with another tag get their `model` energy
+    from `energy_cache` (cscflow.energies) or, when it has none, from `recompute`, and the
+    new energies are stored there; without either a mismatch is an error (a hull mixing
+    models is wrong).
     """
     t0 = time.perf_counter()
     settings = settings or ScoreSettings()
@@ -328,27 +337,33 @@ def score_candidates(
     ref_e = [r.energy_per_atom for r in references]
     prev_e = [c.energy_per_atom for c in prev]
     recomputed = {"references": 0, "previous": 0, "current": 0}
+    reused = {"references": 0, "previous": 0, "current": 0}
     replaced: set[str] = set()
     if model is not None:
         groups = {
-            "references": ([r.structure for r in references], [r.model for r in references], ref_e),
-            "previous": ([c.structure for c in prev], [c.model for c in prev], prev_e),
+            "references": ([r.entry_id for r in references], [r.structure for r in references],
+                           [r.model for r in references], ref_e),
+            "previous": ([c.id for c in prev], [c.structure for c in prev], [c.model for c in prev], prev_e),
             "current": (
+                [cands[i].id for i in current],
                 [cands[i].structure for i in current],
                 [cands[i].model for i in current],
                 None,
             ),
         }
-        for key, (structures, tags, energies) in groups.items():
+        for key, (ids, structures, tags, energies) in groups.items():
             stale = [j for j, tag in enumerate(tags) if tag != model]
             if not stale:
                 continue
-            if recompute is None:
+            try:
+                new, n_computed = energies_with_model(
+                    [ids[j] for j in stale], [structures[j] for j in stale], model, recompute, energy_cache
+                )
+            except ValueError:
                 raise ValueError(
                     f"{len(stale)} {key} entries carry model {sorted({str(tags[j]) for j in stale})}, "
                     f"not the current {model!r}, and no calculator was given to recompute them"
-                )
-            new = recompute([structures[j] for j in stale])
+                ) from None
             for j, e in zip(stale, new):
                 replaced.add(str(tags[j]))
                 if key == "current":
@@ -356,8 +371,9 @@ def score_candidates(
                     c.energy_per_atom, c.energy, c.model = e, e * len(c.structure), model
                 else:
                     energies[j] = e
-            recomputed[key] = len(stale)
-            logger.info("score: recomputed %d %s energies with %s", len(stale), key, model)
+            recomputed[key], reused[key] = n_computed, len(stale) - n_computed
+            logger.info("score: %d %s energies with %s (%d computed, %d cached)",
+                        len(stale), key, model, n_computed, len(stale) - n_computed)
 
     hull_entries = [hull_entry(r.structure, e, r.entry_id) for r, e in zip(references, ref_e)]
     hull_entries += [hull_entry(c.structure, e, c.id) for c, e in zip(prev, prev_e)]
@@ -398,6 +414,7 @@ def score_candidates(
         n_sun=sum(c.is_sun for c in scored),
         model=model,
         recomputed={k: v for k, v in recomputed.items() if v},
+        reused={k: v for k, v in reused.items() if v},
         recomputed_from=sorted(replaced),
         n_hull_entries=len(hull_entries),
         n_matcher_fits=sun.n_fits,
@@ -434,9 +451,13 @@ class ScoreMaker(Maker):
         previous: list[list[Candidate]] = (),
         model_path: str | None = None,
     ) -> ScoreOutput:
+        from jobflow import CURRENT_JOB
+
         from cscflow.forcefields import get_calculator, model_tag
 
         tag = model_tag(self.forcefield, model_path)
+        # the run's store (jobs get it with expose_store, as the loop's stages do)
+        energy_cache = energy_cache_for(CURRENT_JOB.store)
         cache: dict[str, Recompute] = {}
 
         def recompute(structures: list[Structure]) -> list[float]:
@@ -446,5 +467,6 @@ class ScoreMaker(Maker):
             return cache["fn"](structures)
 
         return score_candidates(
-            candidates, references, previous, settings=self.settings, model=tag, recompute=recompute
+            candidates, references, previous, settings=self.settings, model=tag, recompute=recompute,
+            energy_cache=energy_cache,
         )

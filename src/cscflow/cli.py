@@ -136,6 +136,10 @@ from cscflow.dispatch import submit_command  # noqa: E402  (FireWorks is importe
 
 main.add_command(submit_command, name="submit")
 
+from cscflow.plan import plan_command  # noqa: E402  (builds, never runs, a workflow)
+
+main.add_command(plan_command(), name="plan")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

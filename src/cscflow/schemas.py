@@ -54,7 +54,7 @@ class MatchKey(_Doc):
     n_sites: int = Field(..., description="sites of the reduced (Niggli + primitive) cell")
     minima: list[float] = Field(..., description="successive minima of the reduced lattice / (V/n)^(1/3)")
     lengths: list[float] = Field(..., description="sorted reduced-cell lengths / (V/n)^(1/3)")
-    spacegroup: int | None = Field(None, description="spglib, symprec 0.1")
+    spacegroup: int | None = Field(None, description="when known (Score does not run spglib for it)")
     volume_per_atom: float
 
 

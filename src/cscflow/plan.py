@@ -59,12 +59,13 @@ COSTS: dict[str, Cost] = {
         "estimate, issue 13: ~150 FIRE steps x ~40 ms, sequential ASE on one GPU",
     ),
     "score_cpu_s": Cost(
-        0.1, "CPU s per scored candidate",
-        "measured, benchmarks/scale.py (incremental S.U.N., N=10^3 real MP Li-P-S + rattled copies, "
-        "2 loaded cores; 2026-12-01)",
+        0.04, "CPU s per scored candidate",
+        "measured, benchmarks/results/scale.txt: incremental score, N=10^3 with 10^3 earlier candidates "
+        "(real MP Li-P-S + rattled copies) in 40.6 s on 2 overloaded cores, 2026-12-01",
     ),
     "select_cpu_s": Cost(
-        0.01, "CPU s per scored candidate", "measured, benchmarks/scale.py (select, N=10^3; 2026-12-01)",
+        0.005, "CPU s per scored candidate",
+        "measured, benchmarks/results/scale.txt: select (QUESTS dH vs 100 frames), N=10^3 in 4.8 s, 2026-12-01",
     ),
     "dft_relax_cpu_h": Cost(
         32.0, "CPU core-hours per DFT relaxation",
@@ -262,8 +263,17 @@ def _label_flow(spec: ExplorationSpec, selected: list[Candidate], iteration: int
 
 
 def _n_selected(spec: ExplorationSpec, n_candidates: int) -> int:
-    quota = sum(round(b.quota * spec.selection.quota_scale) for b in spec.selection.bins)
-    return min(quota, n_candidates)
+    """Every bin's quota filled (the most the Label stage can get), at most every candidate."""
+    from cscflow.select import bin_quota
+
+    return min(sum(bin_quota(b, spec.selection.quota_scale) for b in spec.selection.bins), n_candidates)
+
+
+def _frames_per_structure(spec: ExplorationSpec) -> float:
+    lab = spec.labeller
+    if lab.backend == "teacher":
+        return lab.copies_per_structure + int(lab.include_unperturbed)
+    return lab.copies_per_structure * sum(lab.relax_frames_kept) / 2 + lab.statics_per_structure
 
 
 def plan_iteration(
@@ -339,8 +349,7 @@ def plan_iteration(
     for stage in ("generate", "relax", "score"):
         plan.documents[f"{stage} output ({n} candidates, estimated)"] = int(per_candidate * n)
     plan.documents[f"select output ({n_sel} selected, estimated)"] = int(per_candidate * n_sel)
-    kept = sum(spec.labeller.relax_frames_kept) / 2
-    n_frames = int(n_sel * (spec.labeller.copies_per_structure * kept + spec.labeller.statics_per_structure))
+    n_frames = int(n_sel * _frames_per_structure(spec))
     per_frame = _bson_size({"frames": [_stand_in_frame(c) for c in sample]}) / len(sample)
     plan.documents[f"label output ({n_frames} frames, estimated)"] = int(per_frame * n_frames)
 

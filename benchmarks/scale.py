@@ -84,7 +84,7 @@ def variant(s, rng):
     u = rng.random()
     if u < 0.2:
         return t
-    t.perturb(float(rng.uniform(0.02, 0.4)))
+    t.perturb(float(rng.uniform(0.02, 0.4)), seed=int(rng.integers(2**31)))
     if u > 0.6:
         m = np.array(t.lattice.matrix)
         m[int(rng.integers(3))] *= float(rng.uniform(0.85, 1.35))

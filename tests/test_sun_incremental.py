@@ -23,7 +23,7 @@ def _variants(s, rng):
     out = [s.copy()]
     for amp in (0.05, 0.4):
         r = s.copy()
-        r.perturb(amp, min_distance=amp / 2)
+        r.perturb(amp, min_distance=amp / 2, seed=int(rng.integers(2**31)))
         out.append(r)
     scaled = s.copy()
     scaled.scale_lattice(s.volume * 1.1)  # volume scaling is normalised by the matcher

@@ -29,10 +29,6 @@ def _energy(structure, rng):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="stage outputs are still one document per stage (10^4 candidates ~ 38 MB); "
-    "per-structure documents (issue 13 item 1) make this pass", strict=False,
-)
 def test_paper_size_iteration_documents_fit(tmp_path, lips_structures):
     from jobflow import Flow, run_locally
 
@@ -67,5 +63,6 @@ def test_paper_size_iteration_documents_fit(tmp_path, lips_structures):
         for doc in s.query({}):
             doc.pop("_id", None)
             sizes[f"{name}:{doc.get('uuid') or doc.get('blob_uuid')}"] = len(bson.encode(json.loads(json.dumps(doc, default=str))))
-    big = {k: v / 2**20 for k, v in sizes.items() if v > LIMIT}
-    assert not big, f"documents over 16 MB (MB): {big}"
+    big = {k: round(v / 2**20, 1) for k, v in sizes.items() if v > LIMIT}
+    if big:  # expected today: make this `assert not big` once per-structure documents (issue 13 item 1) land
+        pytest.xfail(f"stage outputs are one document per stage; over 16 MB (MB): {big}")

@@ -259,6 +259,10 @@ def server_status(run_dir):
     srv = _run_server(run_dir)
     click.echo(f"{srv.uri} {'running (pid %s)' % srv.pid if srv.running() else 'stopped'} on {srv.storage}")
 
+from cscflow.plan import plan_command  # noqa: E402  (builds, never runs, a workflow)
+
+main.add_command(plan_command(), name="plan")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -15,6 +15,7 @@ from pymatgen.core import Structure
 
 __all__ = [
     "Candidate",
+    "MatchKey",
     "Frame",
     "IterationDocument",
     "LoopState",
@@ -39,6 +40,24 @@ class Provenance(_Doc):
     seed: int | None = None
 
 
+class MatchKey(_Doc):
+    """What S.U.N. matching needs to know about a structure, computed once (cscflow.score).
+
+    `n_sites`, `minima` and `lengths` describe the cell StructureMatcher compares (Niggli,
+    then primitive): two structures can only match if both formulas and n_sites agree and
+    minima(new) < (1 + ltol) * lengths(old) componentwise. `spacegroup` and
+    `volume_per_atom` only order the comparisons (matcher tolerances and volume scaling
+    let matching structures differ in both).
+    """
+
+    formula: str
+    n_sites: int = Field(..., description="sites of the reduced (Niggli + primitive) cell")
+    minima: list[float] = Field(..., description="successive minima of the reduced lattice / (V/n)^(1/3)")
+    lengths: list[float] = Field(..., description="sorted reduced-cell lengths / (V/n)^(1/3)")
+    spacegroup: int | None = Field(None, description="when known (Score does not run spglib for it)")
+    volume_per_atom: float
+
+
 class Candidate(_Doc):
     """One structure moving through an iteration; stages fill in their fields."""
 
@@ -59,6 +78,7 @@ class Candidate(_Doc):
     is_stable: bool | None = None
     is_unique: bool | None = None
     is_novel: bool | None = None
+    match_key: MatchKey | None = Field(None, description="S.U.N. matching key, stored by Score")
     # Select
     delta_entropy: float | None = None
     selected: bool = False
@@ -84,6 +104,7 @@ class ReferenceEntry(_Doc):
     energy_per_atom: float
     model: str
     source: str = Field(..., description="prototype, seed file, materials_project, iteration k")
+    match_key: MatchKey | None = None
 
 
 class Frame(_Doc):

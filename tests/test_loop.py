@@ -76,6 +76,27 @@ def test_loop_stops_at_max_iterations_and_keeps_provenance(tmp_path):
     assert all(Path(d["output"]["model_path"]).is_file() for d in train)
     frame_ids = {f["frame_id"] for f in frames}
     assert set(train[-1]["output"]["train_frame_ids"]) - frame_ids, "iteration-0 frames are trained on too"
+
+    # Closed loop (paper 4.1): iteration 2 relaxes and scores with the model trained in
+    # iteration 1, and the reference hull is recomputed with that same model.
+    from cscflow.forcefields import model_tag
+
+    model_1 = next(d for d in train if d["metadata"]["iteration"] == 1)["output"]["model_path"]
+    tag_1 = model_tag(spec.forcefield, model_1)
+    assert tag_1.startswith("deepmd:")
+
+    def stage(name, k):
+        return store.query_one(
+            {"metadata.run_id": run_id, "metadata.stage": name, "metadata.iteration": k}, load=True
+        )["output"]
+
+    relaxed = [c for c in stage("relax", 2)["candidates"] if c["status"] == "relaxed"]
+    scored = stage("score", 2)
+    assert relaxed and {c["model"] for c in relaxed} == {tag_1}
+    assert scored["model"] == tag_1
+    assert {c["model"] for c in scored["candidates"] if c["status"] == "relaxed"} == {tag_1}
+    assert scored["recomputed"]["references"] > 0
+    assert stage("score", 1)["model"] == model_tag(spec.forcefield)  # the starting force field
     store.close()
 
 

@@ -287,7 +287,9 @@ class TrainingSettings(_Settings):
     a_dim: int = 8
     nlayers: int = 2
     batch_size: int | Literal["auto"] = "auto"
-    relax_with_trained_model: bool = False
+    # Paper Methods 4.1: iteration k relaxes and scores (hull re-evaluated) with the model
+    # fine-tuned on the DFT data so far. False keeps the starting force field (open loop).
+    relax_with_trained_model: bool = True
     seed: int = 1
 
     @field_validator("pretrained")

@@ -135,7 +135,13 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
             batch_size=spec.generator.finetune_batch_size,
             lr=spec.generator.finetune_lr,
             device=spec.generator.device,
-        ).make(all_frames, checkpoint=generator_checkpoint(spec, state), iteration=k, seed=spec.seed)
+        ).make(
+            all_frames,
+            checkpoint=generator_checkpoint(spec, state),
+            iteration=k,
+            seed=spec.seed,
+            references=links["references"][1][0],
+        )
     jobs["evaluate"] = EvaluateMaker(selection=spec.selection, convergence=spec.convergence).make(
         k,
         scored=jobs["score"].output.candidates,

@@ -328,6 +328,7 @@ def test_loop_with_mattergen_generator_and_finetuning(tiny_mattergen, tmp_path):
         f"""
 name: mattergen_tiny
 chemical_system: {{elements: [Li, P, S], min_atoms: 2, max_atoms: 8}}
+builtin_references: prototypes
 seed: 5
 generator:
   backend: mattergen
@@ -341,7 +342,7 @@ generator:
   finetune_batch_size: 8
 relax: {{fmax: 0.2, steps: 30}}
 selection: {{only_sun: false, bins: [{{high: 0.0, quota: 1}}, {{low: 0.0, high: 10.0, quota: 2}}]}}
-labeller: {{backend: teacher, copies_per_structure: 1}}
+labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1}}
 training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
 convergence: {{max_iterations: 2, dh_dn_threshold: 0.0}}
 """

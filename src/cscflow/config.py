@@ -381,9 +381,12 @@ class ExplorationSpec(_Settings):
     chemical_system: ChemicalSystem
     seeds: list[Path] = Field(default_factory=list, description="iteration-0 structure files")
     seed_errors: Literal["skip", "raise"] = "skip"
+    # Built-in iteration-0 references (no files, no network): "auto" = the shipped Materials
+    # Project snapshot for the chemical system it covers exactly (Li-P-S), prototypes otherwise.
     use_prototypes: bool = True
+    builtin_references: Literal["auto", "mp_snapshot", "prototypes"] = "auto"
     prototype_max_atoms: int | None = Field(
-        None, ge=1, description="skip larger prototypes (e.g. the 32-atom alpha-S8 cell in cheap DFT demos)"
+        None, ge=1, description="skip larger built-in references (e.g. the 32-atom alpha-S8 cell in cheap DFT demos)"
     )
     materials_project: bool = False
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)

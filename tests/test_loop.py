@@ -42,9 +42,17 @@ def _store_docs(run_dir):
     return run_id, spec, store
 
 
-def test_loop_stops_at_max_iterations_and_keeps_provenance(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny two-iteration run shared by the tests that only read it."""
+    tmp_path = tmp_path_factory.mktemp("loop")
     run_dir = tmp_path / "run"
     final = explore(tiny_spec(tmp_path, max_iterations=2), run_dir)
+    return run_dir, final
+
+
+def test_loop_stops_at_max_iterations_and_keeps_provenance(finished_run):
+    run_dir, final = finished_run
     assert final.converged and final.stop_reason.startswith("max_iterations")
     assert [doc.iteration for doc in final.history] == [1, 2]
     assert (run_dir / "final_state.json").is_file()
@@ -98,6 +106,38 @@ def test_loop_stops_at_max_iterations_and_keeps_provenance(tmp_path):
     assert scored["recomputed"]["references"] > 0
     assert stage("score", 1)["model"] == model_tag(spec.forcefield)  # the starting force field
     store.close()
+
+
+def test_find_reports_the_closest_candidate(finished_run, tmp_path):
+    """`cscflow find`: a known phase (strained copy of a candidate) is found with its iteration,
+    condition and E_hull; a structure of another formula is not."""
+    from click.testing import CliRunner
+    from pymatgen.core import Lattice, Structure
+
+    from cscflow.cli import main
+    from cscflow.find import find_in_run
+
+    run_dir, _ = finished_run
+    run_id, spec, store = _store_docs(run_dir)
+    doc = store.query_one({"metadata.run_id": run_id, "metadata.stage": "score", "metadata.iteration": 2}, load=True)
+    store.close()
+    cand = next(c for c in doc["output"]["candidates"] if c["status"] == "relaxed")
+    target = Structure.from_dict(cand["structure"])
+    target.apply_strain(0.01)
+    target.make_supercell([2, 1, 1])  # another cell of the same crystal
+    target.to(filename=str(tmp_path / "known.cif"))
+    Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(tmp_path / "nacl.cif"))
+
+    found, missing = find_in_run(run_dir, [tmp_path / "known.cif", tmp_path / "nacl.cif"])
+    assert found.iteration in (1, 2) and found.candidate_id is not None and found.rms is not None
+    if found.candidate_id == cand["provenance"]["candidate_id"]:
+        assert found.e_hull == pytest.approx(cand["e_hull"]) and found.condition == cand["provenance"]["condition"]
+    assert missing.candidate_id is None and missing.n_same_formula == 0
+    result = CliRunner().invoke(main, ["find", str(run_dir), str(tmp_path / "known.cif"), str(tmp_path / "nacl.cif")])
+    assert result.exit_code == 0, result.output
+    assert found.candidate_id in result.output and "not found" in result.output
+    bad = CliRunner().invoke(main, ["find", str(run_dir), str(tmp_path / "none.cif")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
 
 
 def test_loop_stops_when_entropy_saturates(tmp_path):

@@ -33,6 +33,10 @@ __all__ = [
     "SelectionSettings",
     "SpecError",
     "StoreSettings",
+    "CHGNetTrainSettings",
+    "MACETrainSettings",
+    "MatterSimTrainSettings",
+    "SevenNetTrainSettings",
     "TrainingSettings",
     "load_spec",
 ]
@@ -147,10 +151,12 @@ class GeneratorSettings(_Settings):
 class ForceFieldSettings(_Settings):
     """The MLFF that relaxes and scores candidates (and is fine-tuned each iteration)."""
 
-    backend: Literal["chgnet", "deepmd", "mace", "mattersim"] = "chgnet"
+    backend: Literal["chgnet", "deepmd", "mace", "mattersim", "sevenn"] = "chgnet"
     # chgnet: a version shipped in the wheel ("0.3.0", "0.2.0", "r2scan") or a file.
     chgnet_version: str = "0.3.0"
-    # deepmd/mace/mattersim: path of a frozen model / checkpoint file.
+    # sevenn: a model shipped in the wheel ("7net-0", "7net-l3i5"); a file goes in model_path.
+    sevenn_model: str = "7net-0"
+    # deepmd/mace/mattersim (and fine-tuned chgnet/sevenn): path of a model / checkpoint file.
     model_path: Path | None = None
     # deepmd multi-task pretrained models (e.g. DPA-3.1-3M) need a branch ("head").
     model_branch: str | None = None
@@ -163,7 +169,7 @@ class ForceFieldSettings(_Settings):
 
     @model_validator(mode="after")
     def _check(self) -> ForceFieldSettings:
-        if self.backend != "chgnet" and self.model_path is None:
+        if self.backend not in ("chgnet", "sevenn") and self.model_path is None:
             raise ValueError(
                 f"backend {self.backend!r} needs a model file: set forcefield.model_path"
             )
@@ -271,16 +277,120 @@ class LabelSettings(_Settings):
         return data
 
 
-class TrainingSettings(_Settings):
-    """DPA-3 training with deepmd-kit; defaults follow the paper's schedule (Methods 4.3)."""
+class CHGNetTrainSettings(_Settings):
+    """CHGNet (``chgnet.trainer.Trainer``); fine-tunes the wheel's pretrained model by default."""
 
-    backend: Literal["deepmd", "none"] = "deepmd"
+    # wheel version to fine-tune ("0.3.0", "0.2.0", "r2scan"); None: from scratch.
+    # training.pretrained (a file) wins over this.
+    pretrained: str | None = "0.3.0"
+    epochs: int = Field(50, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    scheduler: Literal["CosLR", "ExponentialLR", "CosRestartLR"] = "CosLR"
+    energy_loss_ratio: float = 1.0
+    force_loss_ratio: float = 1.0
+    stress_loss_ratio: float = 0.1
+    # Refit the per-element reference energies (AtomRef) to the training labels first:
+    # another code's energy offset is absorbed there, not by the message-passing weights.
+    refit_atom_ref: bool = True
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    # CHGNet(**model_args) for from-scratch models (e.g. small sizes in tests)
+    model_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class SevenNetTrainSettings(_Settings):
+    """SevenNet (``sevenn`` CLI); defaults are its ``fine_tune`` preset from 7net-0."""
+
+    # model shipped in the wheel ("7net-0", "7net-l3i5"); None: from scratch.
+    pretrained: str | None = "7net-0"
+    epochs: int = Field(100, ge=1)
+    learning_rate: float = Field(0.004, gt=0)
+    lr_gamma: float = Field(0.99, gt=0, le=1, description="exponential decay per epoch")
+    batch_size: int = Field(4, ge=1)
+    force_loss_weight: float = 1.0
+    stress_loss_weight: float = 0.01
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    # from-scratch sizes (a fine-tune keeps the checkpoint's architecture)
+    cutoff: float = Field(5.0, gt=0)
+    channel: int = Field(32, ge=1)
+    lmax: int = Field(1, ge=0)
+    num_convolution_layer: int = Field(3, ge=1)
+
+
+class MACETrainSettings(_Settings):
+    """MACE (``mace_run_train``); paper: 400 epochs EMA + 100 SWA, lr 0.01 x0.8 on plateau."""
+
+    epochs: int = Field(400, ge=1, description="EMA epochs before SWA")
+    swa_epochs: int = Field(100, ge=0, description="SWA epochs at swa_lr after `epochs`")
+    lr: float = Field(0.01, gt=0)
+    lr_factor: float = Field(0.8, gt=0, lt=1)
+    scheduler_patience: int = Field(20, ge=1, description="epochs of validation plateau before lr x lr_factor")
+    swa_lr: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    r_max: float = Field(5.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    # from-scratch model size (a foundation model keeps its own)
+    model: str = "MACE"
+    num_channels: int = Field(32, ge=1)
+    max_L: int = Field(1, ge=0)
+    num_interactions: int = Field(2, ge=1)
+    correlation: int = Field(3, ge=1)
+    # fine-tuning a foundation model (training.pretrained, e.g. MACE-MPA-0-medium):
+    # multihead replay keeps the foundation head alive on replay data (local extxyz).
+    multiheads_finetuning: bool = False
+    replay_file: Path | None = Field(None, description="replay configurations for multihead fine-tuning")
+    num_replay_samples: int = Field(10000, ge=1)
+    default_dtype: Literal["float32", "float64"] = "float64"
+
+    @field_validator("replay_file")
+    @classmethod
+    def _replay_exists(cls, value):
+        return _existing_file(value, "training.mace.replay_file")
+
+    @model_validator(mode="after")
+    def _check(self) -> MACETrainSettings:
+        if self.multiheads_finetuning and self.replay_file is None:
+            raise ValueError("multiheads_finetuning needs replay data: set training.mace.replay_file")
+        return self
+
+
+class MatterSimTrainSettings(_Settings):
+    """MatterSim (its finetune_mattersim.py); paper: 200 epochs, lr 1e-3 x0.8 every 4 epochs, 6 Å."""
+
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    step_size: int = Field(4, ge=1, description="epochs between lr x lr_gamma")
+    lr_gamma: float = Field(0.8, gt=0, le=1)
+    cutoff: float = Field(6.0, gt=0)
+    threebody_cutoff: float = Field(4.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    force_loss_ratio: float = 1.0
+    stress_loss_ratio: float = 0.1
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    early_stop_patience: int = Field(1000, ge=1)
+
+
+class TrainingSettings(_Settings):
+    """MLFF training (cscflow.trainers): `backend` picks the family, its block the schedule.
+
+    The flat DPA-3 keys (epochs, numb_steps, lr, prefactors, sizes) are deepmd's and
+    follow the paper (Methods 4.3); the chgnet/sevenn/mace/mattersim blocks hold theirs.
+    `pretrained` is a checkpoint file to fine-tune from for every family (DPA-3.1-3M,
+    MACE-MPA-0-medium, MatterSim-5M, a CHGNet/SevenNet file); CHGNet and SevenNet
+    otherwise start from the model shipped in their wheel (`chgnet.pretrained`,
+    `sevenn.pretrained`).
+    """
+
+    backend: Literal["deepmd", "mace", "mattersim", "chgnet", "sevenn", "none"] = "deepmd"
     pretrained: Path | None = None
     model_branch: str | None = None
     n_train: int = Field(4050, ge=1, description="top-N frames by entropy gain")
     test_fraction: float = Field(0.1, ge=0, lt=1)
     # Paper: the training pool is iterations 0-3; later iterations are test-only.
     train_iterations_max: int = Field(3, ge=0)
+    # torch trainers (chgnet, sevenn, mace, mattersim): "auto" = cuda when present.
+    device: str = "auto"
     # Paper: ~50 epochs (~50 x N_train steps); numb_steps overrides when set.
     epochs: float = Field(50.0, gt=0)
     numb_steps: int | None = Field(None, ge=1)
@@ -301,6 +411,10 @@ class TrainingSettings(_Settings):
     a_dim: int = 8
     nlayers: int = 2
     batch_size: int | Literal["auto"] = "auto"
+    chgnet: CHGNetTrainSettings = Field(default_factory=CHGNetTrainSettings)
+    sevenn: SevenNetTrainSettings = Field(default_factory=SevenNetTrainSettings)
+    mace: MACETrainSettings = Field(default_factory=MACETrainSettings)
+    mattersim: MatterSimTrainSettings = Field(default_factory=MatterSimTrainSettings)
     # Paper Methods 4.1: iteration k relaxes and scores (hull re-evaluated) with the model
     # fine-tuned on the DFT data so far. False keeps the starting force field (open loop).
     relax_with_trained_model: bool = True
@@ -456,6 +570,7 @@ _PATH_KEYS = {
     ("generator", "checkpoint"): False,
     ("forcefield", "model_path"): False,
     ("training", "pretrained"): False,
+    ("training", "mace", "replay_file"): False,
 }
 
 

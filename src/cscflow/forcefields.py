@@ -1,9 +1,10 @@
-"""MLFF calculators behind one small interface: CHGNet, DeePMD, MACE, MatterSim.
+"""MLFF calculators behind one small interface: CHGNet, DeePMD, MACE, MatterSim, SevenNet.
 
 ``get_calculator(settings, model_path=None)`` returns an ASE calculator. A ``model_path``
-argument always means a frozen DeePMD model (the loop's own fine-tuned DPA-3), whatever
-``settings.backend`` says. Nothing is ever downloaded: CHGNet uses the weights shipped in
-its wheel, every other backend needs a local model file.
+argument is a model the loop trained (``cscflow.trainers``), whatever ``settings.backend``
+says: its family is read from the file itself (:func:`model_backend`), and a file of no
+known family is taken as a frozen DeePMD model. Nothing is ever downloaded: CHGNet and
+SevenNet use the weights shipped in their wheels, every other backend needs a local file.
 
 Loading a model costs seconds (TorchScript warm-up for DeePMD), so calculators are cached
 per process, keyed on backend + model file + its mtime + branch + device: a retrained
@@ -33,6 +34,7 @@ __all__ = [
     "MissingBackendError",
     "clear_cache",
     "get_calculator",
+    "model_backend",
     "model_tag",
     "resolve_device",
     "single_points",
@@ -41,6 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHGNET_VERSIONS = ("0.3.0", "0.2.0", "r2scan")
+SEVENN_MODELS = ("7net-0", "7net-l3i5")  # shipped in the sevenn wheel (7net-mf-0 needs a modal)
 
 _EXTRAS = {
     "mace": ("mace-torch", "mace"),
@@ -98,14 +101,79 @@ def _chgnet_file(version: str) -> Path | None:
     )
 
 
+def _pickle_names(data: bytes) -> set[str]:
+    """Strings and global names in a pickle stream, read without unpickling anything."""
+    import pickletools
+
+    names: set[str] = set()
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and len(arg) < 200:
+                names.update(arg.split(" ") if op.name == "GLOBAL" else (arg,))
+    except Exception:  # truncated or not a pickle: what was read so far still counts
+        pass
+    return names
+
+
+def model_backend(path: str | Path) -> str | None:
+    """Family of a model file ('deepmd', 'mace', 'mattersim', 'chgnet', 'sevenn') or None.
+
+    Reads the file's structure only (torch zip archive: TorchScript code, or the pickled
+    keys and class names of ``torch.save``); nothing is loaded or executed. These are the
+    files cscflow.trainers export: a frozen DPA-3 is TorchScript, a MACE ``.model`` pickles
+    ``mace.modules`` classes, CHGNet/SevenNet/MatterSim checkpoints are dicts with their
+    own keys.
+    """
+    import zipfile
+
+    p = Path(path)
+    if not zipfile.is_zipfile(p):
+        return None
+    with zipfile.ZipFile(p) as zf:
+        entries = zf.namelist()
+        if any(e.endswith("/constants.pkl") or "/code/" in e for e in entries):
+            return "deepmd"
+        pkl = next((e for e in entries if e.endswith("/data.pkl")), None)
+        if pkl is None:
+            return None
+        names = _pickle_names(zf.read(pkl))
+    if any(n.startswith("mace.") for n in names):
+        return "mace"
+    if {"model_state_dict", "config"} <= names:
+        return "sevenn"
+    if {"model_args", "state_dict"} <= names and "atom_fea_dim" in names:
+        return "chgnet"
+    if "model_args" in names and ("mattersim" in " ".join(names).lower() or "ema" in names):
+        return "mattersim"
+    return None
+
+
+def _sevenn_model(name: str) -> Path | None:
+    """None for a model shipped in the sevenn wheel, else the file named."""
+    if name in SEVENN_MODELS:
+        return None
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p.resolve()
+    raise ValueError(
+        f"unknown SevenNet model {name!r}: use one shipped in the wheel "
+        f"({', '.join(SEVENN_MODELS)}) or an existing checkpoint file (forcefield.sevenn_model)"
+    )
+
+
 def _resolve(settings: ForceFieldSettings, model_path: str | Path | None) -> tuple[str, Path | None]:
-    """(backend, model file) actually used; a model_path argument means DeePMD."""
+    """(backend, model file) actually used; a model_path argument names its own family."""
     if model_path is not None:
-        return "deepmd", _model_file(model_path, "deepmd")
+        path = _model_file(model_path, "deepmd")
+        return model_backend(path) or "deepmd", path
     if settings.backend == "chgnet":
         if settings.model_path is not None:  # a fine-tuned CHGNet file
             return "chgnet", _model_file(settings.model_path, "chgnet")
         return "chgnet", _chgnet_file(settings.chgnet_version)
+    if settings.backend == "sevenn":
+        if settings.model_path is not None:
+            return "sevenn", _model_file(settings.model_path, "sevenn")
+        return "sevenn", _sevenn_model(settings.sevenn_model)
     return settings.backend, _model_file(settings.model_path, settings.backend)
 
 
@@ -125,7 +193,7 @@ def model_tag(settings: ForceFieldSettings, model_path: str | Path | None = None
     """Short name of the force field written on documents: 'chgnet-0.3.0', 'deepmd:f.pth#1a2b3c4d'."""
     backend, path = _resolve(settings, model_path)
     if path is None:
-        return f"chgnet-{settings.chgnet_version}"
+        return f"sevenn-{settings.sevenn_model}" if backend == "sevenn" else f"chgnet-{settings.chgnet_version}"
     tag = f"{backend}:{path.name}#{_sha8(path)}"
     if backend == "deepmd" and settings.model_branch:
         tag += f"@{settings.model_branch}"
@@ -156,6 +224,10 @@ def _load(backend: str, path: Path | None, settings: ForceFieldSettings, device:
         except ImportError as exc:
             raise _missing("mace", exc) from exc
         return MACECalculator(model_paths=str(path), device=device, default_dtype="float64")
+    if backend == "sevenn":
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(model=str(path) if path is not None else settings.sevenn_model, device=device)
     if backend == "mattersim":
         try:
             from mattersim.forcefield import MatterSimCalculator
@@ -176,7 +248,9 @@ def get_calculator(settings: ForceFieldSettings, model_path: str | Path | None =
     backend, path = _resolve(settings, model_path)
     device = resolve_device(settings.device)
     mtime = path.stat().st_mtime_ns if path is not None else None
-    version = settings.chgnet_version if backend == "chgnet" and path is None else None
+    version = None
+    if path is None:
+        version = settings.chgnet_version if backend == "chgnet" else settings.sevenn_model
     branch = settings.model_branch if backend == "deepmd" else None
     key = (backend, str(path), mtime, version, branch, device)
     with _LOCK:

@@ -23,7 +23,7 @@ generator: {{backend: pyxtal, num_per_condition: 2, conditions: [0.0, 0.06]}}
 relax: {{fmax: 0.2, steps: 40}}
 # One wide bin so that tiny random runs always select something to label.
 selection: {{only_sun: false, bins: [{{high: 0.0, quota: 1}}, {{low: 0.0, high: 10.0, quota: 2}}]}}
-labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1}}
+labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1, cp2k: {{relax_steps: 5}}}}
 training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_train: 200, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
 convergence: {{max_iterations: {max_iterations}, dh_dn_threshold: {threshold}, min_iterations: {min_iterations}}}
 """

@@ -140,6 +140,19 @@ def test_find_reports_the_closest_candidate(finished_run, tmp_path):
     assert bad.exit_code == 2 and "Traceback" not in bad.output
 
 
+def test_model_errors_on_one_fixed_test_set(finished_run):
+    """Every model of the run (untuned force field, then each iteration's) on the same frames."""
+    from cscflow.model_errors import fixed_test_errors, format_errors
+
+    run_dir, _ = finished_run
+    rows = fixed_test_errors(run_dir)
+    assert [r.iteration for r in rows] == [None, 1, 2] and rows[0].model == "untuned chgnet-0.3.0"
+    assert len({r.n_test for r in rows}) == 1 and rows[0].n_test > 0
+    assert all(r.energy_rmse is not None and r.energy_rmse >= 0 and r.force_rmse >= 0 for r in rows)
+    assert rows[2].n_trained_on_test == 0  # the last model never saw its test frames
+    assert "untuned chgnet-0.3.0" in format_errors(rows)
+
+
 def test_loop_stops_when_entropy_saturates(tmp_path):
     # Any finite dH/dN is below this threshold: the loop must stop as soon as dH/dN exists.
     final = explore(tiny_spec(tmp_path, max_iterations=5, threshold=1e9), tmp_path / "run")

@@ -61,10 +61,9 @@ def test_missing_binary_names_the_setting():
 
 
 def test_cp2k_registered_in_labellers():
-    from cscflow.label import get_labeller
-    from cscflow.label.cp2k import cp2k_label
+    from cscflow.label import get_labeller, protocol_labeller
 
-    assert get_labeller("cp2k") is cp2k_label
+    assert get_labeller("cp2k") is protocol_labeller
 
 
 @needs_cp2k

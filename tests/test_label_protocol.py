@@ -13,7 +13,7 @@ import pytest
 from jobflow import JobStore, OutputReference, run_locally
 from maggma.stores import MemoryStore
 
-from cscflow.config import CP2KSettings, LabelSettings
+from cscflow.config import CP2KSettings, ForceFieldSettings, LabelSettings
 from cscflow.label.protocol import keep_steps, protocol_flow, protocol_seeds
 from cscflow.perturb import perturb_structure
 from cscflow.schemas import Candidate, Provenance
@@ -100,13 +100,15 @@ def test_failed_candidate_is_recorded_and_others_complete(lips_structures):
     assert "no relaxation" in out.failures[1]["error"]
 
 
-def test_resume_reuses_finished_calculations(lips_structures):
+def test_resume_reuses_finished_calculations(lips_structures, tmp_path):
     """Second run with a broken engine: every per-structure job comes from the store."""
     cand = _cand(lips_structures["mp-1153"])
     settings = LabelSettings(backend="teacher", copies_per_structure=1, statics_per_structure=1)
     store = _store()
     first = _run(protocol_flow([cand], 0, 1, settings, key_prefix="run/0/label"), store)
-    broken = settings.model_copy(update={"teacher_chgnet_version": "no-such-model"})
+    junk = tmp_path / "broken.pth.tar"
+    junk.write_text("not a model")  # names fine, fails when loaded
+    broken = settings.model_copy(update={"teacher": ForceFieldSettings(model_path=junk)})
     again = _run(protocol_flow([cand], 0, 1, broken, key_prefix="run/0/label"), store)
     assert again.failures == []
     assert [f.energy for f in again.frames] == [f.energy for f in first.frames]

@@ -23,7 +23,7 @@ generator: {{backend: pyxtal, num_per_condition: 2, conditions: [0.0, 0.06]}}
 relax: {{fmax: 0.2, steps: 40}}
 # One wide bin so that tiny random runs always select something to label.
 selection: {{only_sun: false, bins: [{{high: 0.0, quota: 1}}, {{low: 0.0, high: 10.0, quota: 2}}]}}
-labeller: {{backend: teacher, copies_per_structure: 1}}
+labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1, cp2k: {{relax_steps: 5}}}}
 training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_train: 200, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
 convergence: {{max_iterations: {max_iterations}, dh_dn_threshold: {threshold}, min_iterations: {min_iterations}}}
 """
@@ -42,9 +42,17 @@ def _store_docs(run_dir):
     return run_id, spec, store
 
 
-def test_loop_stops_at_max_iterations_and_keeps_provenance(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny two-iteration run shared by the tests that only read it."""
+    tmp_path = tmp_path_factory.mktemp("loop")
     run_dir = tmp_path / "run"
     final = explore(tiny_spec(tmp_path, max_iterations=2), run_dir)
+    return run_dir, final
+
+
+def test_loop_stops_at_max_iterations_and_keeps_provenance(finished_run):
+    run_dir, final = finished_run
     assert final.converged and final.stop_reason.startswith("max_iterations")
     assert [doc.iteration for doc in final.history] == [1, 2]
     assert (run_dir / "final_state.json").is_file()
@@ -76,7 +84,73 @@ def test_loop_stops_at_max_iterations_and_keeps_provenance(tmp_path):
     assert all(Path(d["output"]["model_path"]).is_file() for d in train)
     frame_ids = {f["frame_id"] for f in frames}
     assert set(train[-1]["output"]["train_frame_ids"]) - frame_ids, "iteration-0 frames are trained on too"
+
+    # Closed loop (paper 4.1): iteration 2 relaxes and scores with the model trained in
+    # iteration 1, and the reference hull is recomputed with that same model.
+    from cscflow.forcefields import model_tag
+
+    model_1 = next(d for d in train if d["metadata"]["iteration"] == 1)["output"]["model_path"]
+    tag_1 = model_tag(spec.forcefield, model_1)
+    assert tag_1.startswith("deepmd:")
+
+    def stage(name, k):
+        return store.query_one(
+            {"metadata.run_id": run_id, "metadata.stage": name, "metadata.iteration": k}, load=True
+        )["output"]
+
+    relaxed = [c for c in stage("relax", 2)["candidates"] if c["status"] == "relaxed"]
+    scored = stage("score", 2)
+    assert relaxed and {c["model"] for c in relaxed} == {tag_1}
+    assert scored["model"] == tag_1
+    assert {c["model"] for c in scored["candidates"] if c["status"] == "relaxed"} == {tag_1}
+    assert scored["recomputed"]["references"] > 0
+    assert stage("score", 1)["model"] == model_tag(spec.forcefield)  # the starting force field
     store.close()
+
+
+def test_find_reports_the_closest_candidate(finished_run, tmp_path):
+    """`cscflow find`: a known phase (strained copy of a candidate) is found with its iteration,
+    condition and E_hull; a structure of another formula is not."""
+    from click.testing import CliRunner
+    from pymatgen.core import Lattice, Structure
+
+    from cscflow.cli import main
+    from cscflow.find import find_in_run
+
+    run_dir, _ = finished_run
+    run_id, spec, store = _store_docs(run_dir)
+    doc = store.query_one({"metadata.run_id": run_id, "metadata.stage": "score", "metadata.iteration": 2}, load=True)
+    store.close()
+    cand = next(c for c in doc["output"]["candidates"] if c["status"] == "relaxed")
+    target = Structure.from_dict(cand["structure"])
+    target.apply_strain(0.01)
+    target.make_supercell([2, 1, 1])  # another cell of the same crystal
+    target.to(filename=str(tmp_path / "known.cif"))
+    Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(tmp_path / "nacl.cif"))
+
+    found, missing = find_in_run(run_dir, [tmp_path / "known.cif", tmp_path / "nacl.cif"])
+    assert found.iteration in (1, 2) and found.candidate_id is not None and found.rms is not None
+    if found.candidate_id == cand["provenance"]["candidate_id"]:
+        assert found.e_hull == pytest.approx(cand["e_hull"]) and found.condition == cand["provenance"]["condition"]
+    assert missing.candidate_id is None and missing.n_same_formula == 0
+    result = CliRunner().invoke(main, ["find", str(run_dir), str(tmp_path / "known.cif"), str(tmp_path / "nacl.cif")])
+    assert result.exit_code == 0, result.output
+    assert found.candidate_id in result.output and "not found" in result.output
+    bad = CliRunner().invoke(main, ["find", str(run_dir), str(tmp_path / "none.cif")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_model_errors_on_one_fixed_test_set(finished_run):
+    """Every model of the run (untuned force field, then each iteration's) on the same frames."""
+    from cscflow.model_errors import fixed_test_errors, format_errors
+
+    run_dir, _ = finished_run
+    rows = fixed_test_errors(run_dir)
+    assert [r.iteration for r in rows] == [None, 1, 2] and rows[0].model == "untuned chgnet-0.3.0"
+    assert len({r.n_test for r in rows}) == 1 and rows[0].n_test > 0
+    assert all(r.energy_rmse is not None and r.energy_rmse >= 0 and r.force_rmse >= 0 for r in rows)
+    assert rows[2].n_trained_on_test == 0  # the last model never saw its test frames
+    assert "untuned chgnet-0.3.0" in format_errors(rows)
 
 
 def test_loop_stops_when_entropy_saturates(tmp_path):

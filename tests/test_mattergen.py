@@ -104,8 +104,55 @@ def test_labelled_e_hull_uses_labeller_energies_only():
     assert e["f1"] == pytest.approx(0.1, abs=1e-6)
     with pytest.raises(ValueError, match="elemental references"):
         labelled_e_hull(frames[:2], [])
-    with pytest.raises(ValueError, match="no unperturbed"):
+    with pytest.raises(ValueError, match="no relaxed"):
         labelled_e_hull(frames[2:], refs)
+
+
+def test_finetune_targets_are_relaxed_frames_against_the_labelled_hull():
+    """Paper: targets are the DFT E_hull of the relaxed (final) structures, against the DFT
+    hull that includes the references (labelled in iteration 0 by the same protocol)."""
+    from cscflow.generators.mattergen import labelled_e_hull
+
+    li = Structure(Lattice.cubic(3.5), ["Li", "Li"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    s = Structure(Lattice.cubic(4.0), ["S"], [[0, 0, 0]])
+    li2s = Structure(Lattice.cubic(5.7), ["Li", "Li", "S"], [[0.25] * 3, [0.75] * 3, [0, 0, 0]])
+    squeezed = li2s.copy()
+    squeezed.scale_lattice(li2s.volume * 0.9)
+
+    def protocol(cid, structure, n, epa, iteration):
+        """Frames as label.protocol writes them: relax<j>-s<step> steps and statics."""
+        out = []
+        for j, (steps, final) in enumerate(epa["relax"]):
+            for step, e in steps:
+                st = squeezed if step < max(k for k, _ in steps) else structure
+                out.append(Frame(frame_id=f"{cid}-relax{j}-s{step:03d}", structure=st, energy=e * n,
+                                 forces=[[0.0] * 3] * n, kind="relax_step", labeller=TEACHER,
+                                 provenance=Provenance(candidate_id=cid, iteration=iteration, generator="pyxtal")))
+        for k, e in enumerate(epa["static"]):
+            out.append(Frame(frame_id=f"{cid}-static{k}", structure=squeezed, energy=e * n,
+                             forces=[[0.0] * 3] * n, kind="static", labeller=TEACHER,
+                             provenance=Provenance(candidate_id=cid, iteration=iteration, generator="pyxtal")))
+        return out
+
+    # iteration 0: the references' protocol frames (Li, S); the relaxations end at -2 and -4
+    ref_frames = protocol("ref-li", li, 2, {"relax": [([(0, -1.5), (3, -2.0)], None)], "static": [-1.9]}, 0)
+    ref_frames += protocol("ref-s", s, 1, {"relax": [([(0, -3.0), (2, -4.0)], None)], "static": [-3.9]}, 0)
+    # a Li2S candidate: copy 0 ends at -3.8, copy 1 at -3.9 (the converged one); first steps
+    # and statics are off-equilibrium (a static even lies lower: it must not be the target)
+    cand = protocol("it1-li2s", li2s, 3, {"relax": [([(0, -3.0), (2, -3.5), (4, -3.8)], None),
+                                                    ([(0, -3.1), (5, -3.9)], None)], "static": [-4.5]}, 1)
+    other = protocol("it1-li2s-b", li2s, 3, {"relax": [([(0, -3.0), (1, -3.7)], None)], "static": [-3.6]}, 1)
+    pairs = labelled_e_hull([ref_frames, cand + other], references=[])
+    targets = {f.provenance.candidate_id: (f, e) for f, e in pairs}
+    assert set(targets) == {"ref-li", "ref-s", "it1-li2s", "it1-li2s-b"}
+    frame, e_hull = targets["it1-li2s"]
+    assert frame.frame_id == "it1-li2s-relax1-s005" and frame.structure == li2s
+    # relaxed Li2S at -3.9 eV/atom is the hull (references at 2/3*(-2) + 1/3*(-4) = -2.67);
+    # the other Li2S relaxed to -3.7 is 0.2 above it (a static of -4.5 would have said 0.8)
+    assert e_hull == pytest.approx(0.0, abs=1e-9)
+    assert targets["it1-li2s-b"][1] == pytest.approx(0.2, abs=1e-6)
+    assert targets["ref-li"][1] == pytest.approx(0.0, abs=1e-9)
+    assert all(f.kind == "relax_step" for f, _ in pairs)
 
 
 def test_missing_environment_and_checkpoint_are_clear_errors(tmp_path, monkeypatch):
@@ -281,6 +328,7 @@ def test_loop_with_mattergen_generator_and_finetuning(tiny_mattergen, tmp_path):
         f"""
 name: mattergen_tiny
 chemical_system: {{elements: [Li, P, S], min_atoms: 2, max_atoms: 8}}
+builtin_references: prototypes
 seed: 5
 generator:
   backend: mattergen
@@ -294,7 +342,7 @@ generator:
   finetune_batch_size: 8
 relax: {{fmax: 0.2, steps: 30}}
 selection: {{only_sun: false, bins: [{{high: 0.0, quota: 1}}, {{low: 0.0, high: 10.0, quota: 2}}]}}
-labeller: {{backend: teacher, copies_per_structure: 1}}
+labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1}}
 training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
 convergence: {{max_iterations: 2, dh_dn_threshold: 0.0}}
 """

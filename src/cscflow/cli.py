@@ -81,6 +81,18 @@ def status(run_dir):
     click.echo(format_status(run_dir))
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@user_errors
+def find(run_dir, files):
+    """Did the run find these structures? The closest candidate (StructureMatcher) of each,
+    with its iteration, generator condition and E_hull."""
+    from cscflow.find import find_in_run, format_find
+
+    click.echo(format_find(find_in_run(run_dir, list(files))))
+
+
 def _configure_logging():
     import warnings
 

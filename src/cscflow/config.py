@@ -269,20 +269,34 @@ class CP2KSettings(_Settings):
 
 
 class LabelSettings(_Settings):
-    """Labelled frames for training. `teacher` is a pretrained MLFF standing in for DFT."""
+    """Labelled frames for training. `teacher` is a pretrained MLFF standing in for DFT.
+
+    Every backend runs the same protocol (cscflow.label.protocol); they differ only in the
+    energy engine: `teacher` uses the force field `teacher` (any one cscflow.forcefields
+    loads), cp2k/vasp real DFT.
+    """
 
     backend: Literal["teacher", "cp2k", "vasp"] = "teacher"
-    teacher_chgnet_version: str = "0.3.0"
+    teacher: ForceFieldSettings = Field(default_factory=ForceFieldSettings)
+    # Older specs: the CHGNet version of the teacher (sets teacher.chgnet_version).
+    teacher_chgnet_version: str | None = None
     copies_per_structure: int = Field(3, ge=1)
     position_sigma: tuple[float, float] = (0.08, 0.15)
     lattice_strain: tuple[float, float] = (0.03, 0.05)
-    include_unperturbed: bool = True
     # DFT protocol (paper Methods 4.2; cscflow.label.protocol): per selected structure,
     # copies_per_structure perturbed relaxations, relax_frames_kept (low, high) ionic steps
     # kept from each (first and last always), statics_per_structure perturbed statics.
     relax_frames_kept: tuple[int, int] = (1, 5)
     statics_per_structure: int = Field(5, ge=0)
     cp2k: CP2KSettings = Field(default_factory=CP2KSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_version(cls, data):
+        if isinstance(data, dict) and data.get("teacher_chgnet_version") is not None:
+            data = {**data, "teacher": {"backend": "chgnet", "chgnet_version": data["teacher_chgnet_version"]},
+                    "teacher_chgnet_version": None}
+        return data
 
 
 class CHGNetTrainSettings(_Settings):
@@ -450,7 +464,9 @@ class TrainingSettings(_Settings):
     sevenn: SevenNetTrainSettings = Field(default_factory=SevenNetTrainSettings)
     mace: MACETrainSettings = Field(default_factory=MACETrainSettings)
     mattersim: MatterSimTrainSettings = Field(default_factory=MatterSimTrainSettings)
-    relax_with_trained_model: bool = False
+    # Paper Methods 4.1: iteration k relaxes and scores (hull re-evaluated) with the model
+    # fine-tuned on the DFT data so far. False keeps the starting force field (open loop).
+    relax_with_trained_model: bool = True
     seed: int = 1
 
     @field_validator("pretrained")
@@ -546,9 +562,12 @@ class ExplorationSpec(_Settings):
         description="seed structures outside the chemical system or disordered: skip them with a warning, or "
         "stop (raise); a listed seed file that cannot be read is always an error",
     )
+    # Built-in iteration-0 references (no files, no network): "auto" = the shipped Materials
+    # Project snapshot for the chemical system it covers exactly (Li-P-S), prototypes otherwise.
     use_prototypes: bool = True
+    builtin_references: Literal["auto", "mp_snapshot", "prototypes"] = "auto"
     prototype_max_atoms: int | None = Field(
-        None, ge=1, description="skip larger prototypes (e.g. the 32-atom alpha-S8 cell in cheap DFT demos)"
+        None, ge=1, description="skip larger built-in references (e.g. the 32-atom alpha-S8 cell in cheap DFT demos)"
     )
     materials_project: bool = False
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)

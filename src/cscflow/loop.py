@@ -19,7 +19,7 @@ from cscflow.checkpoint import KEY, stage_key
 from cscflow.config import ExplorationSpec
 from cscflow.schemas import IterationDocument, LoopState
 
-__all__ = ["exploration_flow", "exploration_step", "iteration_jobs", "tag_stage"]
+__all__ = ["exploration_flow", "exploration_step", "iteration_jobs", "tag_stage", "trained_model"]
 
 
 def tag_stage(job_: Job, spec: ExplorationSpec, run_id: str, iteration: int, stage: str) -> Job:
@@ -43,6 +43,17 @@ def _route(job_: Job, spec: ExplorationSpec, stage: str) -> None:
 
 def _ref(uuid: str, attribute: str) -> OutputReference:
     return getattr(OutputReference(uuid), attribute)
+
+
+def trained_model(spec: ExplorationSpec, state: LoopState) -> str | None:
+    """The force field that relaxes and scores iteration k: the one fine-tuned so far.
+
+    Paper Methods 4.1 closes the loop this way; Score then recomputes the reference hull
+    and earlier candidates with the same model (their model tag differs). None (the
+    starting ``forcefield``) before the first Train, or with
+    ``training.relax_with_trained_model: false``.
+    """
+    return state.model_path if spec.training.relax_with_trained_model else None
 
 
 def generator_checkpoint(spec: ExplorationSpec, state: LoopState) -> str | None:
@@ -82,7 +93,7 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
     from cscflow.select import SelectMaker
     from cscflow.train import TrainMaker
 
-    relax_model = state.model_path if spec.training.relax_with_trained_model else None
+    relax_model = trained_model(spec, state)
     links = {
         attribute: _linked(spec, state.run_id, k, uuids, attribute)
         for attribute, uuids in (
@@ -124,7 +135,13 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
             batch_size=spec.generator.finetune_batch_size,
             lr=spec.generator.finetune_lr,
             device=spec.generator.device,
-        ).make(all_frames, checkpoint=generator_checkpoint(spec, state), iteration=k, seed=spec.seed)
+        ).make(
+            all_frames,
+            checkpoint=generator_checkpoint(spec, state),
+            iteration=k,
+            seed=spec.seed,
+            references=links["references"][1][0],
+        )
     jobs["evaluate"] = EvaluateMaker(selection=spec.selection, convergence=spec.convergence).make(
         k,
         scored=jobs["score"].output.candidates,

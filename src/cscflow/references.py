@@ -1,27 +1,75 @@
 """Iteration 0: the reference structures the hull is built from.
 
-Sources, in order: prototypes built from crystallographic facts (``use_prototypes``),
-the spec's seed files, and the Materials Project (``materials_project: true`` with
-MP_API_KEY). They are read when the flow is built (on the submitting machine), relaxed
-by the exploration's own force field (the paper recomputes iteration 0 with its own
-settings) and become ReferenceEntry documents.
+Sources, in order: the built-in references (``use_prototypes``; ``builtin_references``:
+the Materials Project snapshot shipped in ``cscflow/data/mp_lips.json`` for Li-P-S, CC BY
+4.0, or prototypes built from crystallographic facts for other systems), the spec's seed
+files, and the Materials Project (``materials_project: true`` with MP_API_KEY). They are
+read when the flow is built (on the submitting machine), relaxed by the exploration's own
+force field (the paper recomputes iteration 0 with its own settings) and become
+ReferenceEntry documents.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 
 from jobflow import Maker, job
 from pydantic import BaseModel, Field
+from pymatgen.core import Structure
 
 from cscflow.checkpoint import resumable
 from cscflow.config import ExplorationSpec, SpecError
 from cscflow.schemas import Candidate, Provenance, ReferenceEntry
 
-__all__ = ["ReferenceMaker", "ReferencesOutput", "initial_candidates"]
+__all__ = ["ReferenceMaker", "ReferencesOutput", "builtin_references", "initial_candidates", "mp_snapshot"]
 
 logger = logging.getLogger(__name__)
+
+
+MP_SNAPSHOT = "mp_lips.json"
+
+
+@lru_cache(maxsize=2)
+def _snapshot(name: str) -> dict:
+    return json.loads(resources.files("cscflow.data").joinpath(name).read_text())
+
+
+def mp_snapshot(elements, max_atoms: int | None = None, name: str = MP_SNAPSHOT) -> list[tuple[str, Structure]]:
+    """(MP id, primitive structure) of the shipped Materials Project snapshot within ``elements``.
+
+    Data from the Materials Project, CC BY 4.0 (cscflow/data/README.md): Jain et al.,
+    APL Materials 1, 011002 (2013).
+    """
+    allowed = set(elements)
+    out = []
+    for rec in _snapshot(name)["structures"]:
+        structure = Structure.from_dict(rec["structure"])
+        if {el.symbol for el in structure.composition.elements} <= allowed and (
+            max_atoms is None or len(structure) <= max_atoms
+        ):
+            out.append((rec["material_id"], structure))
+    return out
+
+
+def builtin_references(spec: ExplorationSpec) -> tuple[str, list[tuple[str, Structure]]]:
+    """("materials_project", [(mp id, structure)]) or ("prototype", [(label, structure)])."""
+    elements = spec.chemical_system.elements
+    kind = spec.builtin_references
+    if kind == "auto":
+        covered = set(_snapshot(MP_SNAPSHOT)["elements"])
+        kind = "mp_snapshot" if set(elements) == covered else "prototypes"
+    if kind == "mp_snapshot":
+        return "materials_project", mp_snapshot(elements, spec.prototype_max_atoms)
+    from cscflow.prototypes import prototype_structures
+
+    return "prototype", [
+        (label, s) for label, s in prototype_structures(elements)
+        if spec.prototype_max_atoms is None or s.num_sites <= spec.prototype_max_atoms
+    ]
 
 
 def initial_candidates(spec: ExplorationSpec) -> list[Candidate]:
@@ -43,11 +91,10 @@ def initial_candidates(spec: ExplorationSpec) -> list[Candidate]:
         out.append(Candidate(provenance=prov, structure=structure))
 
     if spec.use_prototypes:
-        from cscflow.prototypes import prototype_structures
-
-        for label, structure in prototype_structures(elements):
-            if spec.prototype_max_atoms is None or structure.num_sites <= spec.prototype_max_atoms:
-                add(structure, "prototype", label, None)
+        generator, structures = builtin_references(spec)
+        for label, structure in structures:
+            # MP entries keep their id as parent (ReferenceEntry.source = the MP id)
+            add(structure, generator, label, label if generator == "materials_project" else None)
     seeds, problems = load_seed_files(spec.seeds, elements, on_error=spec.seed_errors)
     for problem in problems:
         logger.warning(problem)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -47,6 +48,7 @@ __all__ = [
     "MatterGenWorkerError",
     "labelled_e_hull",
     "mattergen_python",
+    "relaxed_frames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -376,28 +378,56 @@ def _flatten(frames) -> list[Frame]:
     return flat
 
 
+_RELAX_STEP = re.compile(r"^(?P<copy>.+-relax\d+)-s(?P<step>\d+)$")
+
+
+def relaxed_frames(frames: Sequence[Frame]) -> list[Frame]:
+    """One equilibrium frame per labelled candidate: its DFT-relaxed (final) structure.
+
+    Per candidate, the last ionic step of each protocol relaxation (frame ids
+    ``<candidate>-relax<j>-s<step>``; the protocol always keeps the last step) and the
+    lowest energy per atom among them, as the protocol's converged structure. Frames given
+    as ``unperturbed`` are taken as they are (equilibrium structures labelled without the
+    protocol). Perturbed and static frames are off-equilibrium and never targets.
+    """
+    last: dict[str, Frame] = {}
+    for f in _flatten(frames):
+        if f.kind == "unperturbed":
+            last.setdefault(f.frame_id, f)
+            continue
+        m = _RELAX_STEP.match(f.frame_id) if f.kind == "relax_step" else None
+        if m is None:
+            continue
+        held = last.get(m["copy"])
+        if held is None or int(m["step"]) > int(_RELAX_STEP.match(held.frame_id)["step"]):
+            last[m["copy"]] = f
+    best: dict[tuple[str, str], Frame] = {}
+    for f in last.values():
+        key = (f.provenance.candidate_id, f.labeller)
+        if key not in best or f.energy_per_atom < best[key].energy_per_atom:
+            best[key] = f
+    return list(best.values())
+
+
 def labelled_e_hull(
     frames: Sequence[Frame], references: Sequence[ReferenceEntry] = ()
 ) -> list[tuple[Frame, float]]:
-    """E_hull (eV/atom) of each equilibrium labelled frame from the labeller's own energies.
+    """E_hull (eV/atom) of each candidate's relaxed frame against the labeller's own hull.
 
-    The hull is built from the unperturbed/static frames plus the references computed with
-    the same model (``ReferenceEntry.model`` appearing in ``Frame.labeller``, e.g. the
-    teacher 'chgnet-0.3.0'); energies of different models are never mixed. Perturbed frames
-    are off-equilibrium and are not used. Raises ValueError when the hull misses an element.
+    Targets are :func:`relaxed_frames` (paper: DFT E_hull of the relaxed structures). The
+    hull holds every relaxed frame, among them the iteration-0 references labelled by the
+    same protocol, plus the ``references`` computed with the labeller's model
+    (``ReferenceEntry.model`` appearing in ``Frame.labeller``); energies of different
+    models are never mixed. Raises ValueError when the hull misses an element.
     """
     from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
-    flat = _flatten(frames)
-    seen: set[str] = set()
-    eq = []
-    for f in flat:
-        if f.kind in ("unperturbed", "static") and f.frame_id not in seen:
-            seen.add(f.frame_id)
-            eq.append(f)
+    eq = relaxed_frames(frames)
     if not eq:
-        raise ValueError("no unperturbed/static labelled frames to fine-tune the generator on")
+        raise ValueError("no relaxed (final relaxation step) labelled frames to fine-tune the generator on")
     labellers = {f.labeller for f in eq}
+    if len(labellers) > 1:
+        raise ValueError(f"labelled frames come from several labellers {sorted(labellers)}: one hull needs one")
     refs = [r for r in references if any(r.model and r.model in lab for lab in labellers)]
     entries = [PDEntry(f.structure.composition, f.energy) for f in eq]
     ref_entries = [PDEntry(r.structure.composition, r.energy_per_atom * len(r.structure)) for r in refs]
@@ -429,7 +459,7 @@ class FinetuneGeneratorOutput(BaseModel):
 
 @dataclass
 class FinetuneGeneratorMaker(Maker):
-    """Fine-tune MatterGen on every labelled structure so far with its labeller E_hull.
+    """Fine-tune MatterGen on every labelled candidate's relaxed structure and its DFT E_hull.
 
     Both property adapters (chemical_system, energy_above_hull); starts from ``checkpoint``
     (the current generator model) and writes ``<output_dir>/it<iteration>`` (default: the

@@ -3,9 +3,11 @@
 ``LabelMaker`` dispatches on ``LabelSettings.backend`` through ``LABELLERS``:
 backend name -> ``function(selected, iteration, seed, settings) -> LabelOutput | Response``.
 A DFT backend may return ``Response(replace=Flow([...per-structure jobs..., collect]))``
-whose output is a LabelOutput. ``teacher`` (a pretrained MLFF standing in for DFT) is
-built in; ``cp2k`` and ``vasp`` register themselves from ``cscflow/label/cp2k.py`` and
-``cscflow/label/vasp.py`` (imported on demand here).
+whose output is a LabelOutput. Every backend runs the paper's protocol (Methods 4.2,
+:mod:`cscflow.label.protocol`) and differs only in the energy engine
+(:mod:`cscflow.label.engines`): ``teacher`` (a pretrained force field standing in for DFT)
+and ``cp2k`` through the protocol's ASE code, ``vasp`` with atomate2 jobs
+(``cscflow/label/vasp.py``, registers itself when imported on demand here).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cscflow.checkpoint import resumable
 from cscflow.config import LabelSettings
 from cscflow.schemas import Candidate, Frame
 
-__all__ = ["LABELLERS", "LabelMaker", "LabelOutput", "get_labeller", "label_candidates"]
+__all__ = ["LABELLERS", "LabelMaker", "LabelOutput", "get_labeller", "label_candidates", "protocol_labeller"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +43,15 @@ class LabelOutput(BaseModel):
 Labeller = Callable[[list[Candidate], int, int, LabelSettings], "LabelOutput | Response"]
 
 
-def _teacher(selected, iteration, seed, settings):
-    from cscflow.label.teacher import teacher_label
+def protocol_labeller(selected, iteration, seed, settings):
+    """teacher and cp2k: the paper's protocol (cscflow.label.protocol) with their engine."""
+    from cscflow.label.protocol import protocol_label
 
-    return teacher_label(selected, iteration, seed, settings)
+    return protocol_label(selected, iteration, seed, settings)
 
 
-#: backend -> labeller; cp2k / vasp add themselves when their modules are imported.
-LABELLERS: dict[str, Labeller] = {"teacher": _teacher}
+#: backend -> labeller; vasp adds itself when cscflow.label.vasp is imported.
+LABELLERS: dict[str, Labeller] = {"teacher": protocol_labeller, "cp2k": protocol_labeller}
 
 
 def get_labeller(backend: str) -> Labeller:

@@ -7,13 +7,12 @@ flipped to ASE's convention). We chose this over atomate2's CP2K makers because 
 0.1.5's parser crashes in ``cleanup_dft`` and reports forces in Ha/Bohr.
 
 The per-structure protocol (perturb -> relax -> keep steps -> statics) lives in
-:mod:`cscflow.label.protocol`; this module provides the calculator and registers
-``cp2k`` in ``cscflow.label.LABELLERS``.
+:mod:`cscflow.label.protocol`; this module provides only the engine: the calculator and
+its labeller tag (:mod:`cscflow.label.engines` hands it to the protocol).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import shutil
@@ -29,8 +28,8 @@ __all__ = [
     "cp2k_calculator",
     "cp2k_command",
     "cp2k_input_template",
-    "cp2k_label",
     "kpoint_mesh",
+    "labeller_name",
 ]
 
 COMMAND_ENV = "CSCFLOW_CP2K_COMMAND"
@@ -62,9 +61,13 @@ def cp2k_command(settings: CP2KSettings) -> str:
 
 
 def kpoint_mesh(cell: np.ndarray, kspacing: float) -> tuple[int, int, int]:
-    """VASP-style KSPACING mesh: n_i = max(1, ceil(|b_i| / kspacing)), b_i with the 2π."""
-    recip = 2 * np.pi * np.linalg.inv(np.asarray(cell, dtype=float)).T
-    return tuple(max(1, math.ceil(float(np.linalg.norm(b)) / kspacing - 1e-8)) for b in recip)
+    """VASP-style KSPACING mesh n_i = max(1, ceil(2π|b_i| / kspacing)), by ASE's
+    ``kptdensity2monkhorstpack`` (density 1/kspacing points per Å⁻¹, odd sizes allowed)."""
+    from ase import Atoms
+    from ase.calculators.calculator import kptdensity2monkhorstpack
+
+    atoms = Atoms(cell=np.asarray(cell, dtype=float), pbc=True)
+    return tuple(int(n) for n in kptdensity2monkhorstpack(atoms, kptdensity=1.0 / kspacing, even=False))
 
 
 def cp2k_input_template(settings: CP2KSettings, mesh: tuple[int, int, int]) -> str:
@@ -149,22 +152,3 @@ def labeller_name(settings: CP2KSettings) -> str:
         f"cp2k:{settings.xc}/{settings.basis_set}/{settings.pseudo_potential}"
         f"/{settings.cutoff:g}Ry/k{settings.kspacing:g}"
     )
-
-
-def cp2k_label(selected, iteration: int, seed: int, settings):
-    """LABELLERS entry: the perturbation protocol as a flow of CP2K jobs (a Response)."""
-    from jobflow import Response
-
-    from cscflow.label.protocol import protocol_flow
-
-    cp2k_command(settings.cp2k)  # fail early, with the message, when CP2K is missing
-    return Response(replace=protocol_flow(selected, iteration, seed, settings))
-
-
-def _register() -> None:
-    from cscflow.label import LABELLERS
-
-    LABELLERS.setdefault("cp2k", cp2k_label)
-
-
-_register()

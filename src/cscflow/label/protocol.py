@@ -19,15 +19,16 @@ Seeds: ``default_rng([seed, iteration, crc32(candidate_id)])`` draws one integer
 and per static (``Frame.label_seed``); ``default_rng(label_seed)`` rebuilds the perturbation,
 ``default_rng([label_seed, 1])`` picks the kept steps.
 
-Engines: ``cp2k`` (:mod:`cscflow.label.cp2k`) and ``teacher`` (the CHGNet stand-in; gives
-the same protocol in seconds, used for demos and tests of the protocol itself).
+Engines (:mod:`cscflow.label.engines`): ``cp2k`` and ``teacher`` (a pretrained force field
+standing in for DFT; the same protocol in seconds). The teacher runs it in one job
+(:func:`run_protocol`), CP2K as one job per calculation (:func:`protocol_flow`); VASP
+(:mod:`cscflow.label.vasp`) builds the same steps from atomate2 jobs. Relaxations stop at
+``labeller.cp2k.relax_fmax`` / ``relax_steps`` whatever the engine.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 import zlib
 from typing import Any
@@ -39,25 +40,27 @@ from pymatgen.core import Structure
 
 from cscflow.checkpoint import KEY, resumable
 from cscflow.config import LabelSettings
+from cscflow.label.engines import EngineCalculator, engine_labeller
 from cscflow.schemas import Candidate, Frame
 
 __all__ = [
     "StepResult",
+    "collect",
     "collect_frames",
-    "engine_labeller",
+    "converged_structure",
     "keep_steps",
+    "perturbed_copy",
     "protocol_flow",
+    "protocol_label",
     "protocol_seeds",
     "relax_copy",
+    "run_protocol",
     "run_relax_copy",
     "run_static",
     "static_copy",
 ]
 
 logger = logging.getLogger(__name__)
-
-ENGINES = ("cp2k", "teacher")
-
 
 class StepResult(BaseModel):
     """Output of one relaxation or static job: its frames, or the error that stopped it."""
@@ -100,62 +103,6 @@ def keep_steps(n_steps: int, kept: tuple[int, int], rng: np.random.Generator) ->
     k = min(max(int(rng.integers(low, high + 1)), 2), n_steps)
     middle = rng.choice(np.arange(1, n_steps - 1), size=k - 2, replace=False) if k > 2 else []
     return sorted({0, n_steps - 1, *(int(i) for i in middle)})
-
-
-# ---------------------------------------------------------------- engines (ASE calculators)
-
-
-def engine_labeller(settings: LabelSettings) -> str:
-    """Labeller tag of the engine ``settings.backend`` (written on every frame)."""
-    if settings.backend == "cp2k":
-        from cscflow.label.cp2k import labeller_name
-
-        return labeller_name(settings.cp2k)
-    if settings.backend == "teacher":
-        from cscflow.label.teacher import teacher_name
-
-        return teacher_name(settings.teacher_chgnet_version)
-    raise ValueError(
-        f"the DFT protocol runs with labeller.backend in {ENGINES}, got {settings.backend!r} "
-        "(vasp builds its own atomate2 flow: cscflow.label.vasp)"
-    )
-
-
-class _Calculator:
-    """Context manager: an ASE calculator for the engine, in a scratch folder, closed after."""
-
-    def __init__(self, settings: LabelSettings, structure: Structure):
-        self.settings, self.structure = settings, structure
-        self.workdir: str | None = None
-        self.calc = None
-
-    def __enter__(self):
-        if self.settings.backend == "cp2k":
-            from cscflow.label.cp2k import cp2k_calculator
-
-            self.workdir = tempfile.mkdtemp(prefix="cscflow-cp2k-")
-            self.calc = cp2k_calculator(self.settings.cp2k, self.structure.lattice.matrix, self.workdir)
-        elif self.settings.backend == "teacher":
-            from chgnet.model.dynamics import CHGNetCalculator
-
-            from cscflow.label.teacher import load_teacher
-
-            model = load_teacher(self.settings.teacher_chgnet_version)
-            self.calc = CHGNetCalculator(model=model, use_device="cpu", on_isolated_atoms="ignore")
-        else:
-            engine_labeller(self.settings)  # raises the explanation
-        return self.calc
-
-    def __exit__(self, exc_type, exc, tb):
-        close = getattr(self.calc, "close", None)
-        if callable(close):
-            close()
-        if self.workdir is not None:
-            if exc_type is None:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-            else:
-                logger.warning("CP2K files of the failed calculation kept in %s", self.workdir)
-        return False
 
 
 def _record(atoms) -> dict:
@@ -201,7 +148,8 @@ def _frame(cand: Candidate, frame_id: str, kind: str, rec: dict, labeller: str, 
     )
 
 
-def _perturbed(structure: Structure, label_seed: int, settings: LabelSettings):
+def perturbed_copy(structure: Structure, label_seed: int, settings: LabelSettings):
+    """(structure, record): the protocol's perturbation rebuilt from its ``label_seed``."""
     from cscflow.perturb import perturb_structure
 
     return perturb_structure(
@@ -225,11 +173,11 @@ def run_relax_copy(cand: Candidate, copy_index: int, label_seed: int, settings: 
     result = StepResult(candidate_id=cand.id, step=step, label_seed=label_seed)
     labeller = engine_labeller(settings)
     try:
-        structure, record = _perturbed(cand.structure, label_seed, settings)
+        structure, record = perturbed_copy(cand.structure, label_seed, settings)
         result.perturbation = record
         atoms = _to_atoms(structure)
         trajectory: list[dict] = []
-        with _Calculator(settings, structure) as calc:
+        with EngineCalculator(settings, structure) as calc:
             atoms.calc = calc
             opt = BFGS(FrechetCellFilter(atoms), logfile=None)
             opt.attach(lambda: trajectory.append(_record(atoms)), interval=1)
@@ -283,10 +231,10 @@ def run_static(
         base = converged_structure(relaxations)
         if base is None:
             raise RuntimeError("no relaxation of this candidate finished: nothing to perturb")
-        structure, record = _perturbed(base, label_seed, settings)
+        structure, record = perturbed_copy(base, label_seed, settings)
         result.perturbation = record
         atoms = _to_atoms(structure)
-        with _Calculator(settings, structure) as calc:
+        with EngineCalculator(settings, structure) as calc:
             atoms.calc = calc
             rec = _record(atoms)
         _check_finite(rec)
@@ -315,6 +263,39 @@ def collect(results: list[StepResult | None], labeller: str, expected: list[tupl
         failures.extend(res.failures)
         seconds += res.seconds
     return LabelOutput(frames=frames, failures=failures, labeller=labeller, seconds=seconds)
+
+
+def run_protocol(selected: list[Candidate], iteration: int, seed: int, settings: LabelSettings) -> Any:
+    """The whole protocol in this process (same steps, seeds and frames as :func:`protocol_flow`).
+
+    For engines that take seconds per structure (the teacher): one job instead of one per
+    calculation. Returns the :class:`cscflow.label.LabelOutput`.
+    """
+    labeller = engine_labeller(settings)
+    keep_steps(2, settings.relax_frames_kept, np.random.default_rng(0))  # validates the range
+    results = []
+    for cand in selected:
+        seeds = protocol_seeds(cand.id, iteration, seed, settings)
+        relaxes = [run_relax_copy(cand, j, s, settings) for j, s in enumerate(seeds["relax"])]
+        statics = [run_static(cand, k, s, relaxes, settings) for k, s in enumerate(seeds["static"])]
+        results += [*relaxes, *statics]
+    out = collect(results, labeller)
+    for f in out.failures:
+        logger.warning("label %s failed: %s", f["frame_id"], f["error"])
+    return out
+
+
+def protocol_label(selected: list[Candidate], iteration: int, seed: int, settings: LabelSettings) -> Any:
+    """LABELLERS entry of the ASE engines: in-process for the teacher, a flow of jobs for CP2K."""
+    if settings.backend == "teacher":
+        return run_protocol(selected, iteration, seed, settings)
+    from jobflow import Response
+
+    if settings.backend == "cp2k":
+        from cscflow.label.cp2k import cp2k_command
+
+        cp2k_command(settings.cp2k)  # fail early, with the message, when CP2K is missing
+    return Response(replace=protocol_flow(selected, iteration, seed, settings))
 
 
 # ---------------------------------------------------------------- jobs and the flow

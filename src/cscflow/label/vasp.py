@@ -158,7 +158,7 @@ def taskdoc_frames(task, cand, kind: str, keep: list[int] | None, label_seed: in
 @job
 def vasp_statics(cand, relax_outputs: list, seeds: list[int], settings) -> Response:
     """Statics on perturbations of the lowest-energy relaxed copy (known only at run time)."""
-    from cscflow.label.protocol import _perturbed
+    from cscflow.label.protocol import perturbed_copy
 
     done = [o for o in relax_outputs if o is not None]
     if not done:
@@ -166,7 +166,7 @@ def vasp_statics(cand, relax_outputs: list, seeds: list[int], settings) -> Respo
     best = min(done, key=lambda t: t.output.energy_per_atom).output.structure
     jobs = []
     for k, s in enumerate(seeds):
-        structure, _ = _perturbed(best, s, settings)
+        structure, _ = perturbed_copy(best, s, settings)
         j = paper_static_maker().make(structure)
         j.name = f"{cand.id} vasp static{k}"
         jobs.append(j)
@@ -202,7 +202,7 @@ def collect_vasp(cand_list: list, relax_tasks: list, static_tasks: list, plan: l
 
 def vasp_flow(selected, iteration: int, seed: int, settings) -> Flow:
     """The protocol with atomate2 VASP jobs: 3 perturbed relaxations, 5 statics, collector."""
-    from cscflow.label.protocol import _perturbed, keep_steps, protocol_seeds
+    from cscflow.label.protocol import keep_steps, perturbed_copy, protocol_seeds
 
     keep_steps(2, settings.relax_frames_kept, np.random.default_rng(0))  # validates the range
     tolerant = JobConfig(on_missing_references=OnMissing.NONE)
@@ -211,7 +211,7 @@ def vasp_flow(selected, iteration: int, seed: int, settings) -> Flow:
         seeds = protocol_seeds(cand.id, iteration, seed, settings)
         relaxes = []
         for j, s in enumerate(seeds["relax"]):
-            structure, _ = _perturbed(cand.structure, s, settings)
+            structure, _ = perturbed_copy(cand.structure, s, settings)
             rj = paper_relax_maker().make(structure)
             rj.name = f"{cand.id} vasp relax{j}"
             relaxes.append(rj)

@@ -1,0 +1,74 @@
+"""Errors of every model of a run on ONE fixed test set: does the student improve?
+
+The status table's RMSEs are each iteration's own test split, which grows as frames are
+added. Here every model is measured on the same frames: the test frames of the last
+Train's split (frames never trained on by that model; earlier models may have trained on
+a few of them only if they were in an earlier training set, which the rows say). Rows: the
+untuned starting force field (``forcefield``, e.g. CHGNet from its wheel), then the model
+trained in each iteration. One evaluation code for all (``trainers.base.evaluate_model``).
+
+    python -m cscflow.model_errors RUN_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+__all__ = ["ModelErrors", "fixed_test_errors", "format_errors"]
+
+
+class ModelErrors(BaseModel):
+    model: str
+    iteration: int | None = None
+    n_test: int = 0
+    n_trained_on_test: int = 0
+    energy_rmse: float | None = None
+    force_rmse: float | None = None
+
+
+def _get(obj, name: str, default=None):
+    value = obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+    return default if value is None else value
+
+
+def fixed_test_errors(run_dir: str | Path) -> list[ModelErrors]:
+    """Untuned force field + every iteration's trained model on the last split's test frames."""
+    from cscflow.analysis.report import load_run_data
+    from cscflow.forcefields import model_tag
+    from cscflow.trainers.base import evaluate_model
+
+    data = load_run_data(run_dir)
+    trains = {k: data.output(k, "train") for k in data.iterations if data.output(k, "train") is not None}
+    trains = {k: t for k, t in trains.items() if _get(t, "model_path")}
+    if not trains:
+        raise ValueError(f"{run_dir}: no trained model yet")
+    last = trains[max(trains)]
+    test_ids = set(_get(last, "test_frame_ids", []))
+    test = [f for f in data.all_frames() if f.frame_id in test_ids]
+    rows = []
+    base = evaluate_model(None, test, data.spec.forcefield)
+    rows.append(ModelErrors(model=f"untuned {model_tag(data.spec.forcefield)}", n_test=len(test),
+                            energy_rmse=base["energy_rmse"], force_rmse=base["force_rmse"]))
+    for k, t in sorted(trains.items()):
+        m = evaluate_model(_get(t, "model_path"), test, data.spec.forcefield)
+        overlap = len(test_ids & set(_get(t, "train_frame_ids", [])))
+        rows.append(ModelErrors(model=f"{_get(t, 'backend', 'model')} it{k}", iteration=k, n_test=len(test),
+                                n_trained_on_test=overlap, energy_rmse=m["energy_rmse"], force_rmse=m["force_rmse"]))
+    return rows
+
+
+def format_errors(rows: list[ModelErrors]) -> str:
+    head = f"{'model':<28} {'E RMSE (meV/atom)':>18} {'F RMSE (eV/Å)':>14} {'test frames':>11} {'trained on':>10}"
+    lines = [head]
+    for r in rows:
+        e = "-" if r.energy_rmse is None else f"{1000 * r.energy_rmse:.1f}"
+        f = "-" if r.force_rmse is None else f"{r.force_rmse:.3f}"
+        lines.append(f"{r.model:<28} {e:>18} {f:>14} {r.n_test:>11} {r.n_trained_on_test:>10}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(format_errors(fixed_test_errors(sys.argv[1])))

@@ -140,32 +140,21 @@ def _framework(structure: Structure, exclude: Iterable[str]) -> tuple[Structure,
 def bond_graph(structure: Structure, settings: MotifSettings | None = None):
     """StructureGraph of the non-excluded atoms, bonds within the per-pair cutoffs.
 
-    Returns (structure graph, indices of its sites in the input structure).
+    pymatgen's `CutOffDictNN` with one cutoff per element pair present (the table, else the
+    covalent fallback). Returns (structure graph, indices of its sites in the input structure).
     """
     from pymatgen.analysis.graphs import StructureGraph
+    from pymatgen.analysis.local_env import CutOffDictNN
 
     settings = settings or MotifSettings()
     sub, keep = _framework(structure, settings.exclude)
-    sg = StructureGraph.from_empty_graph(sub, edge_weight_name="distance", edge_weight_units="Å")
     if len(sub) == 0:
-        return sg, keep
-    symbols = [site.specie.symbol for site in sub]
-    elements = sorted(set(symbols))
-    cut = {_pair(a, b): settings.cutoff(a, b) for a in elements for b in elements}
-    rmax = max(cut.values())
-    if rmax <= 0:
-        return sg, keep
-    centers, points, images, dists = sub.get_neighbor_list(rmax)
-    for i, j, image, d in zip(centers, points, images, dists):
-        i, j = int(i), int(j)
-        image = tuple(int(round(x)) for x in image)
-        if d < 1e-6 or d > cut[_pair(symbols[i], symbols[j])]:
-            continue
-        # every bond appears twice in the neighbour list: keep one direction
-        if i > j or (i == j and image <= (0, 0, 0)):
-            continue
-        sg.add_edge(i, j, (0, 0, 0), image, weight=float(d), warn_duplicates=False)
-    return sg, keep
+        return StructureGraph.from_empty_graph(sub, name="bonds"), keep
+    sub.remove_oxidation_states()  # CutOffDictNN matches species strings: "S", not "S2-"
+    elements = sorted({site.specie.symbol for site in sub})
+    cutoffs = {(a, b): settings.cutoff(a, b) for a in elements for b in elements}
+    strategy = CutOffDictNN({pair: d for pair, d in cutoffs.items() if d > 0})
+    return StructureGraph.from_local_env_strategy(sub, strategy, weights=True), keep
 
 
 def _formula(composition: Composition) -> str:

@@ -496,40 +496,56 @@ class MotifCatalogMaker(Maker):
 # ------------------------------------------------------------------------------- CLI
 
 
+def _file_motifs(path: str, settings: MotifSettings) -> list[dict[str, Any]]:
+    """Motif counts of every structure in one file; raises on an unreadable or disordered file."""
+    from cscflow.structures_io import read_structures
+
+    found: list[Motif] = []
+    for seed in read_structures(path):
+        try:
+            found.extend(find_motifs(seed.structure, settings))
+        except ValueError as exc:
+            raise ValueError(f"{seed.label}: {exc}") from None
+    return [
+        {k: e[k] for k in ("formula", "hash", "count", "periodic", "name")}
+        for e in motif_counts(found)
+    ]
+
+
 @click.command("motifs")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per file")
 def motifs_command(files, as_json):
-    """Anion motifs (non-Li bonded clusters) in structure FILEs: CIF, POSCAR, extxyz, JSON records."""
-    from cscflow.structures_io import StructureReadError, read_structures
+    """Anion motifs (non-Li bonded clusters) in structure FILEs: CIF, POSCAR, extxyz, JSON records.
+
+    A file that cannot be read or holds disordered anions is reported as that file's error
+    (one line on stderr, "error" in --json) and the others go on; exit 2 if any failed.
+    """
+    from cscflow.structures_io import StructureReadError
 
     settings = MotifSettings()
     results = []
     for path in files:
         try:
-            structures = read_structures(path)
-        except StructureReadError as exc:
-            raise click.ClickException(str(exc)) from None
-        found: list[Motif] = []
-        for seed in structures:
-            try:
-                found.extend(find_motifs(seed.structure, settings))
-            except ValueError as exc:
-                raise click.ClickException(f"{path}: {seed.label}: {exc}") from None
-        motifs = [
-            {k: e[k] for k in ("formula", "hash", "count", "periodic", "name")}
-            for e in motif_counts(found)
-        ]
-        results.append({"file": str(path), "motifs": motifs})
+            results.append({"file": str(path), "motifs": _file_motifs(path, settings)})
+        except (StructureReadError, ValueError, OSError) as exc:
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            results.append({"file": str(path), "error": message})
+            click.echo(f"error: {message}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2, ensure_ascii=False))
-        return
-    for res in results:
-        click.echo(res["file"])
-        if not res["motifs"]:
-            click.echo("  (no non-Li atoms)")
-        for m in res["motifs"]:
-            kind = "periodic" if m["periodic"] else "finite"
-            click.echo(
-                f"  {m['formula']:<10} x{m['count']:<4} {kind:<9} {m['hash'][:12]}  {m['name'] or ''}"
-            )
+    else:
+        for res in results:
+            if "error" in res:
+                continue
+            click.echo(res["file"])
+            if not res["motifs"]:
+                click.echo("  (no non-Li atoms)")
+            for m in res["motifs"]:
+                kind = "periodic" if m["periodic"] else "finite"
+                click.echo(
+                    f"  {m['formula']:<10} x{m['count']:<4} {kind:<9} {m['hash'][:12]}  {m['name'] or ''}"
+                )
+    failed = sum("error" in res for res in results)
+    if failed:
+        click.get_current_context().exit(2)

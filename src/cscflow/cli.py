@@ -111,7 +111,7 @@ def _register_optional_commands():
     from cscflow.chggen.cli import chggen_command
 
     main.add_command(chggen_command, name="chggen")
-    from cscflow.analysis.report import report_command
+    from cscflow.analysis.report_cli import report_command
 
     main.add_command(report_command, name="report")
 

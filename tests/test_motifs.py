@@ -193,3 +193,20 @@ def test_cli_json_and_text(lips_structures, tmp_path):
     bad.write_text("not a cif")
     failed = CliRunner().invoke(motifs_command, [str(bad)])
     assert failed.exit_code != 0 and "broken.cif" in failed.output
+
+    # one malformed and one disordered file do not stop the batch: each is its own error
+    se = lips_structures["mp-985583"].copy()
+    se.replace(next(i for i, x in enumerate(se) if x.specie.symbol == "S"), {"S": 0.5, "Se": 0.5})
+    CifWriter(se).write_file(tmp_path / "se_disordered.cif")
+    batch = [str(bad), files[1], str(tmp_path / "se_disordered.cif"), files[2]]
+    mixed = CliRunner().invoke(motifs_command, [*batch, "--json"])
+    assert mixed.exit_code == 2 and "Traceback" not in mixed.output
+    data = json.loads(mixed.stdout)
+    assert [d["file"] for d in data] == batch
+    assert "broken.cif" in data[0]["error"] and "disordered" in data[2]["error"]
+    assert {(m["formula"], m["count"]) for m in data[1]["motifs"]} == {("PS4", 2), ("P2S7", 2)}
+    assert {(m["formula"], m["count"]) for m in data[3]["motifs"]} == {("P2S6", 1)}
+    assert mixed.stderr.count("error:") == 2
+    plain = CliRunner().invoke(motifs_command, batch)
+    assert plain.exit_code == 2 and "P2S7" in plain.stdout and "P2S6" in plain.stdout
+    assert "se_disordered.cif" in plain.stderr

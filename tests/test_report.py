@@ -15,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from cscflow.analysis import figures
-from cscflow.analysis.report import load_run_data, write_report
+from cscflow.analysis.report import write_report
+from cscflow.analysis.run_data import load_run_data
 from cscflow.runner import explore, load_run
 from cscflow.stores import build_job_store
 

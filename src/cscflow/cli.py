@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 import click
 
 from cscflow.chggen.settings import is_chggen_spec
+from cscflow.cli_logging import configure_logging
 from cscflow.config import load_spec
 from cscflow.user_errors import user_errors
 
@@ -52,7 +51,7 @@ def explore(spec, run_dir):
 
     if is_chggen_spec(spec):
         raise click.UsageError(f"{spec} is a CHGGen spec (it has a chggen: block): run `cscflow chggen {spec}`")
-    _configure_logging()
+    configure_logging()
     resolved = load_spec(spec)
     run_dir = run_dir or os.path.join("runs", resolved.name)
     run_explore(spec, run_dir)
@@ -66,7 +65,7 @@ def resume(run_dir):
     """Finish an interrupted run without recomputing finished stages."""
     from cscflow.runner import format_status, resume as run_resume
 
-    _configure_logging()
+    configure_logging()
     run_resume(run_dir)
     click.echo(format_status(run_dir))
 
@@ -93,19 +92,6 @@ def find(run_dir, files):
     click.echo(format_find(find_in_run(run_dir, list(files))))
 
 
-def _configure_logging():
-    import warnings
-
-    # Library deprecation chatter (monty's cd in jobflow, pymatgen, torch) is not the user's business.
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
-    # ASE's FrechetCellFilter takes logm of near-identity deformations; scipy warns at errors ~1e-13.
-    warnings.filterwarnings("ignore", message="logm result may be inaccurate")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    for noisy in ("matplotlib", "numba", "urllib3", "h5py", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--only", type=click.Choice(["qha", "conductivity"]), default=None, help="Run one screen only.")
@@ -118,7 +104,7 @@ def downstream(run_dir, only, quick, model, max_structures):
     """QHA P-T phase diagrams and Li-conductivity MD screening of a finished run (then: cscflow report)."""
     from cscflow.downstream.on_run import run_downstream
 
-    _configure_logging()
+    configure_logging()
     outputs = run_downstream(run_dir, only=only, quick=quick, model=model, max_structures=max_structures)
     qha, md = outputs.get("qha"), outputs.get("conductivity")
     if qha is not None:
@@ -149,7 +135,7 @@ def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs):
     from cscflow.analysis.mlff_compare import format_table, run_compare
     from cscflow.runner import RunError
 
-    _configure_logging()
+    configure_logging()
     try:
         sizes = [int(x) for x in n_train.split(",") if x.strip()]
     except ValueError:
@@ -170,7 +156,7 @@ def _register_optional_commands():
     from cscflow.chggen.cli import chggen_command
 
     main.add_command(chggen_command, name="chggen")
-    from cscflow.analysis.report import report_command
+    from cscflow.analysis.report_cli import report_command
 
     main.add_command(report_command, name="report")
 

@@ -154,18 +154,14 @@ def query_materials_project(elements: list[str], api_key: str | None = None) -> 
     api_key = api_key or os.environ.get("MP_API_KEY")
     if not api_key:
         raise RuntimeError("materials_project: true needs the MP_API_KEY environment variable")
+    from itertools import combinations
+
     from mp_api.client import MPRester
 
+    # one summary query for the system and every subsystem (chemsys takes a list); not
+    # get_entries_in_chemsys: seeds need one structure per material, not entries per functional
+    elements = sorted(set(elements))
+    systems = ["-".join(sub) for n in range(1, len(elements) + 1) for sub in combinations(elements, n)]
     with MPRester(api_key) as mpr:
-        docs = mpr.materials.summary.search(
-            chemsys="-".join(sorted(elements)), fields=["material_id", "structure"]
-        )
-        # summary.search with chemsys returns only that exact system: add subsystems.
-        from itertools import combinations
-
-        for n in range(1, len(elements)):
-            for sub in combinations(sorted(elements), n):
-                docs += mpr.materials.summary.search(
-                    chemsys="-".join(sub), fields=["material_id", "structure"]
-                )
+        docs = mpr.materials.summary.search(chemsys=systems, fields=["material_id", "structure"])
     return [SeedStructure(d.structure, str(d.material_id), "materials_project") for d in docs]

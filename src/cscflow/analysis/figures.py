@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cscflow.analysis.plotting import pyplot as _pyplot, save_figure as _save
+
 __all__ = [
     "plot_dh_dn_vs_ntrain",
     "plot_entropy_and_frames",
@@ -23,25 +25,6 @@ __all__ = [
     "plot_rmse_vs_ntrain",
     "plot_sun_ratios",
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _density(ax, values: np.ndarray, grid: np.ndarray, label: str, color) -> None:

@@ -140,32 +140,21 @@ def _framework(structure: Structure, exclude: Iterable[str]) -> tuple[Structure,
 def bond_graph(structure: Structure, settings: MotifSettings | None = None):
     """StructureGraph of the non-excluded atoms, bonds within the per-pair cutoffs.
 
-    Returns (structure graph, indices of its sites in the input structure).
+    pymatgen's `CutOffDictNN` with one cutoff per element pair present (the table, else the
+    covalent fallback). Returns (structure graph, indices of its sites in the input structure).
     """
     from pymatgen.analysis.graphs import StructureGraph
+    from pymatgen.analysis.local_env import CutOffDictNN
 
     settings = settings or MotifSettings()
     sub, keep = _framework(structure, settings.exclude)
-    sg = StructureGraph.from_empty_graph(sub, edge_weight_name="distance", edge_weight_units="Å")
     if len(sub) == 0:
-        return sg, keep
-    symbols = [site.specie.symbol for site in sub]
-    elements = sorted(set(symbols))
-    cut = {_pair(a, b): settings.cutoff(a, b) for a in elements for b in elements}
-    rmax = max(cut.values())
-    if rmax <= 0:
-        return sg, keep
-    centers, points, images, dists = sub.get_neighbor_list(rmax)
-    for i, j, image, d in zip(centers, points, images, dists):
-        i, j = int(i), int(j)
-        image = tuple(int(round(x)) for x in image)
-        if d < 1e-6 or d > cut[_pair(symbols[i], symbols[j])]:
-            continue
-        # every bond appears twice in the neighbour list: keep one direction
-        if i > j or (i == j and image <= (0, 0, 0)):
-            continue
-        sg.add_edge(i, j, (0, 0, 0), image, weight=float(d), warn_duplicates=False)
-    return sg, keep
+        return StructureGraph.from_empty_graph(sub, name="bonds"), keep
+    sub.remove_oxidation_states()  # CutOffDictNN matches species strings: "S", not "S2-"
+    elements = sorted({site.specie.symbol for site in sub})
+    cutoffs = {(a, b): settings.cutoff(a, b) for a in elements for b in elements}
+    strategy = CutOffDictNN({pair: d for pair, d in cutoffs.items() if d > 0})
+    return StructureGraph.from_local_env_strategy(sub, strategy, weights=True), keep
 
 
 def _formula(composition: Composition) -> str:
@@ -507,40 +496,56 @@ class MotifCatalogMaker(Maker):
 # ------------------------------------------------------------------------------- CLI
 
 
+def _file_motifs(path: str, settings: MotifSettings) -> list[dict[str, Any]]:
+    """Motif counts of every structure in one file; raises on an unreadable or disordered file."""
+    from cscflow.structures_io import read_structures
+
+    found: list[Motif] = []
+    for seed in read_structures(path):
+        try:
+            found.extend(find_motifs(seed.structure, settings))
+        except ValueError as exc:
+            raise ValueError(f"{seed.label}: {exc}") from None
+    return [
+        {k: e[k] for k in ("formula", "hash", "count", "periodic", "name")}
+        for e in motif_counts(found)
+    ]
+
+
 @click.command("motifs")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list, one object per file")
 def motifs_command(files, as_json):
-    """Anion motifs (non-Li bonded clusters) in structure FILEs: CIF, POSCAR, extxyz, JSON records."""
-    from cscflow.structures_io import StructureReadError, read_structures
+    """Anion motifs (non-Li bonded clusters) in structure FILEs: CIF, POSCAR, extxyz, JSON records.
+
+    A file that cannot be read or holds disordered anions is reported as that file's error
+    (one line on stderr, "error" in --json) and the others go on; exit 2 if any failed.
+    """
+    from cscflow.structures_io import StructureReadError
 
     settings = MotifSettings()
     results = []
     for path in files:
         try:
-            structures = read_structures(path)
-        except StructureReadError as exc:
-            raise click.ClickException(str(exc)) from None
-        found: list[Motif] = []
-        for seed in structures:
-            try:
-                found.extend(find_motifs(seed.structure, settings))
-            except ValueError as exc:
-                raise click.ClickException(f"{path}: {seed.label}: {exc}") from None
-        motifs = [
-            {k: e[k] for k in ("formula", "hash", "count", "periodic", "name")}
-            for e in motif_counts(found)
-        ]
-        results.append({"file": str(path), "motifs": motifs})
+            results.append({"file": str(path), "motifs": _file_motifs(path, settings)})
+        except (StructureReadError, ValueError, OSError) as exc:
+            message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            results.append({"file": str(path), "error": message})
+            click.echo(f"error: {message}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2, ensure_ascii=False))
-        return
-    for res in results:
-        click.echo(res["file"])
-        if not res["motifs"]:
-            click.echo("  (no non-Li atoms)")
-        for m in res["motifs"]:
-            kind = "periodic" if m["periodic"] else "finite"
-            click.echo(
-                f"  {m['formula']:<10} x{m['count']:<4} {kind:<9} {m['hash'][:12]}  {m['name'] or ''}"
-            )
+    else:
+        for res in results:
+            if "error" in res:
+                continue
+            click.echo(res["file"])
+            if not res["motifs"]:
+                click.echo("  (no non-Li atoms)")
+            for m in res["motifs"]:
+                kind = "periodic" if m["periodic"] else "finite"
+                click.echo(
+                    f"  {m['formula']:<10} x{m['count']:<4} {kind:<9} {m['hash'][:12]}  {m['name'] or ''}"
+                )
+    failed = sum("error" in res for res in results)
+    if failed:
+        click.get_current_context().exit(2)

@@ -1,7 +1,7 @@
 """0 K phase diagrams: references only vs references + S.U.N. candidates (paper Fig. 2b–c).
 
-pymatgen's PhaseDiagram builds both hulls; the plot is drawn here (ternary triangle or
-binary formation-energy line) so that new stable phases can be highlighted and metastable
+pymatgen's PhaseDiagram builds both hulls and its PDPlotter draws them (ternary triangle or
+binary formation-energy line); drawn on top here: new stable phases highlighted and metastable
 candidates (E_hull ≤ 0.1 eV/atom) coloured by their E_hull.
 """
 
@@ -128,38 +128,38 @@ def compare_hulls(
     return summary, pd_ref, pd_all
 
 
-def _xy(composition, elements: list[str]) -> tuple[float, float]:
-    frac = [composition.get_atomic_fraction(el) for el in elements]
-    if len(elements) == 2:
-        return frac[1], 0.0
-    return frac[1] + frac[2] / 2, frac[2] * np.sqrt(3) / 2
-
-
 def _draw(ax, pd: PhaseDiagram, elements, candidates_meta: dict[str, float] | None, new_ids: set[str],
           threshold: float, title: str, displaced: Sequence[str] = ()):
+    """pymatgen's PDPlotter draws the hull (tie lines, stable nodes, triangle/energy axes);
+    on top: candidates coloured by E_hull, new stable phases as stars, displaced references
+    (PDPlotter colours neither by our E_hull nor marks 'new' vs 'displaced')."""
+    import matplotlib.pyplot as plt
+    from pymatgen.analysis.phase_diagram import PDPlotter
+
     binary = len(elements) == 2
+    plotter = PDPlotter(pd, show_unstable=0, backend="matplotlib",
+                        markerfacecolor="k", markersize=5, linewidth=0.8)
+    plt.sca(ax)  # PDPlotter's matplotlib backend draws on the current axes
+    plotter.get_plot(label_stable=False, label_unstable=False, ax=ax)
+    _, stable, unstable = plotter.pd_plot_data
+    where = {id(e): xy for xy, e in stable.items()} | {id(e): xy for e, xy in unstable.items()}
 
     def point(entry):
-        x, y = _xy(entry.composition, elements)
-        return (x, pd.get_form_energy_per_atom(entry)) if binary else (x, y)
+        return where[id(entry)]
 
-    if not binary:
-        corners = np.array([[0, 0], [1, 0], [0.5, np.sqrt(3) / 2], [0, 0]])
-        ax.plot(*corners.T, color="0.6", lw=0.8)
-        for el, (x, y) in zip(elements, corners[:3]):
-            ax.annotate(el, (x, y), textcoords="offset points", xytext=(0, -14 if y == 0 else 6),
-                        ha="center", fontsize=11, fontweight="bold")
-        ax.set_aspect("equal")
-        ax.axis("off")
-    else:
+    if binary:
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xlabel(f"x in {elements[0]}(1-x){elements[1]}x")
-        ax.set_ylabel("formation energy (eV/atom)")
-    for facet in pd.facets:
-        pts = [point(pd.qhull_entries[i]) for i in facet]
-        for a in range(len(pts)):
-            for b in range(a + 1, len(pts)):
-                ax.plot([pts[a][0], pts[b][0]], [pts[a][1], pts[b][1]], color="k", lw=0.8, zorder=1)
+        a, b = (el.symbol for el in pd.elements)  # PDPlotter's x: atomic fraction of pd.elements[1]
+        ax.set_xlabel(f"x in {a}(1-x){b}x", fontsize=10, fontweight="normal")
+        ax.set_ylabel("formation energy (eV/atom)", fontsize=10, fontweight="normal")
+    else:
+        ax.set_aspect("equal", adjustable="box")  # PDPlotter's axis("equal") fights tight_layout
+        ax.set_xlim(-0.08, 1.08)
+        ax.set_ylim(-0.08, 0.95)
+        for entry in pd.el_refs.values():
+            x, y = point(entry)
+            ax.annotate(entry.composition.elements[0].symbol, (x, y), textcoords="offset points",
+                        xytext=(0, -14 if y < 0.1 else 6), ha="center", fontsize=11, fontweight="bold")
     sc = None
     if candidates_meta:
         entries = {e.name: e for e in pd.all_entries if (e.attribute or {}).get("kind") == "candidate"}
@@ -179,8 +179,6 @@ def _draw(ax, pd: PhaseDiagram, elements, candidates_meta: dict[str, float] | No
         is_new = (entry.attribute or {}).get("kind") == "candidate" and entry.name in new_ids
         if is_new:
             ax.scatter([x], [y], marker="*", s=180, color="tab:red", edgecolors="k", zorder=4)
-        else:
-            ax.scatter([x], [y], s=30, color="k", zorder=3)
         if not entry.composition.is_element:
             ax.annotate(entry.composition.reduced_formula, (x, y), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color="tab:red" if is_new else "k")
@@ -212,6 +210,7 @@ def plot_phase_diagrams(
                title=f"references + S.U.N. ({len(summary.new_stable)} new stable, {len(summary.metastable)} metastable)")
     if sc is not None:
         fig.colorbar(sc, ax=axes[1], shrink=0.7, label="E_hull (eV/atom)")
+    fig.set_size_inches(11, 5)  # PDPlotter resizes the figure for a single panel
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`cscflow report RUN_DIR`: one HTML page with every figure of the paper for one run.
+"""The run report: one HTML page with every figure of the paper for one run (``ReportMaker``).
 
 Reads only the run's store (newest document per iteration and stage, as `cscflow resume`
 does), so it works on a run that is still going: each section shows what exists and says
@@ -20,203 +20,29 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-import numpy as np
 from jobflow import Maker, job
-from pydantic import BaseModel, Field
 
-from cscflow.config import ExplorationSpec
-from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry
+from cscflow.analysis.parity import parity_predictions
+from cscflow.analysis.report_html import HtmlCell, ReportOutput, Section, add_figure, render_page, table
+from cscflow.analysis.run_data import DOWNSTREAM_STAGES, RunData, load_run_data, stage_field
+from cscflow.schemas import Candidate
 
-__all__ = [
-    "ReportMaker",
-    "ReportOutput",
-    "RunData",
-    "load_run_data",
-    "report_command",
-    "write_report",
-]
+__all__ = ["ReportMaker", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-DOWNSTREAM_STAGES = ("qha", "conductivity")
 _IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg")
 
 
-# ----------------------------------------------------------------------------- run data
-def _get(obj: Any, name: str, default=None):
-    """Attribute of a stage output, whether decoded into its pydantic model or left a dict."""
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _as(model, items) -> list:
-    """Validate a list of documents (objects or their dict form) into `model`."""
-    from pymatgen.core import Structure
-
-    out = []
-    for item in items or []:
-        if isinstance(item, model):
-            out.append(item)
-            continue
-        data = dict(item)
-        data = {k: v for k, v in data.items() if not k.startswith("@")}
-        if isinstance(data.get("structure"), dict):
-            data["structure"] = Structure.from_dict(data["structure"])
-        out.append(model.model_validate(data))
-    return out
-
-
-@dataclass
-class RunData:
-    """The newest output of every (iteration, stage) of one run, decoded."""
-
-    run_dir: Path
-    run_id: str
-    spec: ExplorationSpec
-    outputs: dict[tuple[int, str], Any] = field(default_factory=dict)
-    completed: dict[tuple[int, str], str] = field(default_factory=dict)
-
-    @property
-    def iterations(self) -> list[int]:
-        """Loop iterations (>= 1) with at least one finished stage."""
-        return sorted({k for k, stage in self.outputs if k >= 1 and stage not in DOWNSTREAM_STAGES})
-
-    def stages(self, k: int) -> list[str]:
-        return sorted(stage for it, stage in self.outputs if it == k)
-
-    def output(self, k: int, stage: str):
-        return self.outputs.get((k, stage))
-
-    def references(self) -> list[ReferenceEntry]:
-        return _as(ReferenceEntry, _get(self.output(0, "references"), "references", []))
-
-    def candidates(self, k: int) -> tuple[list[Candidate], str | None]:
-        """The most processed candidates of iteration k (score > relax > generate) and their stage."""
-        order = ("references", "relax") if k == 0 else ("score", "relax", "generate")
-        for stage in order:
-            out = self.output(k, stage)
-            if out is not None and _get(out, "candidates") is not None:
-                return _as(Candidate, _get(out, "candidates")), stage
-        return [], None
-
-    def scored(self) -> dict[int, list[Candidate]]:
-        return {k: _as(Candidate, _get(self.output(k, "score"), "candidates", []))
-                for k in self.iterations if self.output(k, "score") is not None}
-
-    def frames(self, k: int) -> list[Frame]:
-        return _as(Frame, _get(self.output(k, "label"), "frames", []))
-
-    def all_frames(self) -> list[Frame]:
-        return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]
-
-    def evaluation(self, k: int) -> IterationDocument | None:
-        out = self.output(k, "evaluate")
-        if out is None:
-            return None
-        return out if isinstance(out, IterationDocument) else IterationDocument.model_validate(
-            {a: b for a, b in dict(out).items() if not a.startswith("@")})
-
-    def final_state(self) -> LoopState | None:
-        triggers = sorted(k for k, s in self.outputs if s == "trigger")
-        for k in reversed(triggers):
-            out = self.output(k, "trigger")
-            if _get(out, "converged"):
-                return out if isinstance(out, LoopState) else LoopState.model_validate(
-                    {a: b for a, b in dict(out).items() if not a.startswith("@")})
-        return None
-
-
-def load_run_data(run_dir: str | Path) -> RunData:
-    """Read the newest finished document of every stage of the run in `run_dir`."""
-    from monty.json import MontyDecoder
-
-    from cscflow.runner import load_run
-    from cscflow.stores import build_job_store
-
-    run_dir = Path(run_dir).resolve()
-    run_id, spec = load_run(run_dir)
-    store = build_job_store(spec.store, run_dir)
-    store.connect()
-    try:
-        docs = list(store.query({"metadata.run_id": run_id, "output": {"$ne": None}},
-                                properties=["uuid", "metadata", "completed_at", "output"], load=True))
-    finally:
-        store.close()
-    data = RunData(run_dir=run_dir, run_id=run_id, spec=spec)
-    raw: dict[tuple[int, str], dict] = {}
-    for doc in docs:
-        meta = doc.get("metadata") or {}
-        key = (int(meta.get("iteration", -1)), str(meta.get("stage")))
-        if key not in raw or str(doc.get("completed_at")) > str(raw[key].get("completed_at")):
-            raw[key] = doc
-    decoder = MontyDecoder()
-    for key, doc in raw.items():
-        try:
-            data.outputs[key] = decoder.process_decoded(doc["output"])
-        except Exception as exc:  # a stage module that cannot be imported: keep the plain dict
-            logger.warning("stage %s of iteration %s not decoded (%s): using its raw form", key[1], key[0], exc)
-            data.outputs[key] = doc["output"]
-        data.completed[key] = str(doc.get("completed_at"))
-    return data
-
-
 # ----------------------------------------------------------------------------- sections
-@dataclass
-class Section:
-    """One block of the page: figures, an HTML body, and notes on what is missing."""
-
-    key: str
-    title: str
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (path relative to the page, caption)
-    body: str = ""
-    missing: list[str] = field(default_factory=list)
-
-
-class ReportOutput(BaseModel):
-    """Where the report is and what it could not show."""
-
-    index_html: str
-    figures: list[str] = Field(default_factory=list, description="image paths relative to the report folder")
-    missing: dict[str, list[str]] = Field(default_factory=dict, description="section -> what is missing and why")
-    n_iterations: int = 0
-    finished: bool = False
-    seconds: float = 0.0
-
-
 def _condition_label(candidate: Candidate) -> str:
     from cscflow.evaluate import condition_key
 
     return condition_key(candidate.provenance.condition)
-
-
-class _Html(str):
-    """A table cell that is already HTML (a link): not escaped."""
-
-
-def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
-    def cell(v):
-        if isinstance(v, _Html):
-            return str(v)
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return "nan" if not np.isfinite(v) else f"{v:.4g}"
-        if isinstance(v, bool):
-            return "✓" if v else ""
-        return html.escape(str(v))
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "\n".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>'
 
 
 def _iteration_rows(data: RunData) -> list[dict[str, Any]]:
@@ -245,22 +71,6 @@ def _iteration_rows(data: RunData) -> list[dict[str, Any]]:
     return rows
 
 
-def _figure(section: Section, out: Path, name: str, caption: str, draw: Callable[[Path], Any]) -> Any:
-    """Draw one figure; a ValueError (nothing to draw) or a failure becomes a 'missing' note."""
-    path = out / "figures" / name
-    try:
-        result = draw(path)
-    except ValueError as exc:
-        section.missing.append(f"{caption}: {exc}")
-        return None
-    except Exception as exc:  # one broken figure must not cost the whole page
-        logger.exception("figure %s failed", name)
-        section.missing.append(f"{caption}: failed ({type(exc).__name__}: {exc})")
-        return None
-    section.figures.append((f"figures/{name}", caption))
-    return result
-
-
 def _overview(data: RunData, rows: list[dict]) -> Section:
     sec = Section("overview", "Run overview")
     final = data.final_state()
@@ -278,7 +88,7 @@ def _overview(data: RunData, rows: list[dict]) -> Section:
             ("E RMSE (eV/atom)", "energy_rmse"), ("F RMSE (eV/Å)", "force_rmse")]
     if rows:
         table_rows = [[r.get(a) for _, a in cols] + [", ".join(data.stages(r["iteration"]))] for r in rows]
-        lines.append(_table([c for c, _ in cols] + ["stages done"], table_rows))
+        lines.append(table([c for c, _ in cols] + ["stages done"], table_rows))
     else:
         sec.missing.append("no loop iteration has started yet (only iteration 0 stages: "
                            f"{', '.join(data.stages(0)) or 'none'})")
@@ -307,7 +117,7 @@ def _ehull_section(data: RunData, out: Path) -> Section:
             else:
                 sec.missing.append(f"iteration {k}: not scored yet")
     n_beyond = sum(v > 0.5 for conds in by_it.values() for vals in conds.values() for v in vals)
-    _figure(sec, out, "ehull_density.png", "E_hull density per generator condition (axis cut at 0.5 eV/atom)",
+    add_figure(sec, out, "ehull_density.png", "E_hull density per generator condition (axis cut at 0.5 eV/atom)",
             lambda p: plot_ehull_density(by_it, p))
     if n_beyond:
         sec.body = f"<p>{n_beyond} structures lie beyond 0.5 eV/atom (counted in the legends, not drawn).</p>"
@@ -318,11 +128,11 @@ def _ratio_sections(rows: list[dict], out: Path) -> list[Section]:
     from cscflow.analysis.figures import plot_entropy_and_frames, plot_sun_ratios
 
     sun = Section("sun", "S.U.N. ratios vs iteration (Fig. 2d)")
-    _figure(sun, out, "sun_ratios.png", "stable / unique / novel / S.U.N. fraction of generated structures",
+    add_figure(sun, out, "sun_ratios.png", "stable / unique / novel / S.U.N. fraction of generated structures",
             lambda p: plot_sun_ratios(rows, p))
     ent = Section("entropy", "Entropy and labelled frames vs iteration (Fig. 2e)")
     done = [r for r in rows if not r.get("in_progress")]
-    _figure(ent, out, "entropy_frames.png", "QUESTS H of each iteration's candidates and of the training set (top N_train by δH); bars: cumulative labelled frames, not DFT runs",
+    add_figure(ent, out, "entropy_frames.png", "QUESTS H of each iteration's candidates and of the training set (top N_train by δH); bars: cumulative labelled frames, not DFT runs",
             lambda p: plot_entropy_and_frames(done, p))
     return [sun, ent]
 
@@ -331,7 +141,7 @@ def _train_rows(data: RunData) -> list[dict]:
     rows = []
     for k in sorted(k for k, s in data.outputs if s == "train"):
         t = data.output(k, "train")
-        rows.append({"iteration": k, **{a: _get(t, a) for a in (
+        rows.append({"iteration": k, **{a: stage_field(t, a) for a in (
             "n_train", "n_test", "energy_rmse", "force_rmse", "model_path", "test_frame_ids", "start_from")}})
     return rows
 
@@ -343,46 +153,12 @@ def _rmse_section(data: RunData, out: Path, train_rows: list[dict]) -> Section:
     if not train_rows:
         sec.missing.append("no Train stage has finished yet")
         return sec
-    _figure(sec, out, "rmse_vs_ntrain.png", "held-out RMSE of each iteration's model vs its training-set size",
+    add_figure(sec, out, "rmse_vs_ntrain.png", "held-out RMSE of each iteration's model vs its training-set size",
             lambda p: plot_rmse_vs_ntrain(train_rows, p))
-    sec.body = _table(["iteration", "N_train", "N_test", "E RMSE (eV/atom)", "F RMSE (eV/Å)", "start from"],
+    sec.body = table(["iteration", "N_train", "N_test", "E RMSE (eV/atom)", "F RMSE (eV/Å)", "start from"],
                       [[r["iteration"], r["n_train"], r["n_test"], r["energy_rmse"], r["force_rmse"], r["start_from"]]
                        for r in train_rows])
     return sec
-
-
-def _parity_predictions(data: RunData, out: Path, train: dict) -> dict:
-    """Predictions of the frozen model on its test frames, cached by model tag + frame ids."""
-    from cscflow.forcefields import get_calculator, model_tag, single_points
-
-    model_path = train["model_path"]
-    ids = list(train["test_frame_ids"] or [])
-    tag = model_tag(data.spec.forcefield, model_path)
-    cache_file = out / "parity.json"
-    if cache_file.is_file():
-        try:
-            cached = json.loads(cache_file.read_text())
-            if cached.get("model") == tag and cached.get("frame_ids") == ids:
-                return cached
-        except (json.JSONDecodeError, OSError):
-            pass
-    by_id = {f.frame_id: f for f in data.all_frames()}
-    frames = [by_id[i] for i in ids if i in by_id]
-    if not frames:
-        raise ValueError(f"none of the {len(ids)} test frames of iteration {train['iteration']} is in the store")
-    calc = get_calculator(data.spec.forcefield, model_path)
-    preds = single_points([f.structure for f in frames], calc, on_error="record")
-    result = {
-        "model": tag,
-        "frame_ids": ids,
-        "energy_ref": [f.energy / len(f.structure) for f in frames],
-        "energy_pred": [float(p["energy"]) / len(f.structure) for p, f in zip(preds, frames)],
-        "forces_ref": np.concatenate([np.asarray(f.forces, float).ravel() for f in frames]).tolist(),
-        "forces_pred": np.concatenate([np.asarray(p["forces"], float).ravel() for p in preds]).tolist(),
-        "n_missing": len(ids) - len(frames),
-    }
-    cache_file.write_text(json.dumps(result))
-    return result
 
 
 def _parity_section(data: RunData, out: Path, train_rows: list[dict], enabled: bool) -> Section:
@@ -404,11 +180,11 @@ def _parity_section(data: RunData, out: Path, train_rows: list[dict], enabled: b
         sec.missing.append(f"the train stage of iteration {train['iteration']} kept no test frames")
         return sec
     try:
-        pred = _parity_predictions(data, out, train)
+        pred = parity_predictions(data, out, train)
     except Exception as exc:
         sec.missing.append(f"predictions of the iteration-{train['iteration']} model failed: {type(exc).__name__}: {exc}")
         return sec
-    result = _figure(sec, out, "parity.png",
+    result = add_figure(sec, out, "parity.png",
                      f"model of iteration {train['iteration']} ({pred['model']}) on {len(pred['energy_ref'])} test frames",
                      lambda p: plot_parity(pred["energy_ref"], pred["energy_pred"], pred["forces_ref"],
                                            pred["forces_pred"], p, title=f"iteration {train['iteration']} model"))
@@ -495,7 +271,7 @@ def _motif_section(data: RunData, out: Path) -> Section:
         f"iteration-0 structures; excluded from the graph: {html.escape(', '.join(settings.exclude))}. "
         f"Catalogue: <a href=\"motifs.json\">motifs.json</a>; {len(clusters)} finite clusters in a 20 Å box under "
         f"<a href=\"motifs/\">motifs/</a>.</p>"
-        + _table(["name", "formula", "kind", "dim", "charge", "count", "structures", "first it.", "in refs",
+        + table(["name", "formula", "kind", "dim", "charge", "count", "structures", "first it.", "in refs",
                   "examples", "WL hash"], rows, "motifs")
     )
     if catalog.failures:
@@ -515,7 +291,7 @@ def _phase_section(data: RunData, out: Path) -> Section:
     cands = [c for cs in data.scored().values() for c in cs]
     if not cands:
         sec.missing.append("no scored candidates yet: only the reference hull is drawn")
-    result = _figure(sec, out, "phase_diagrams.png", "left: reference hull; right: with S.U.N. candidates "
+    result = add_figure(sec, out, "phase_diagrams.png", "left: reference hull; right: with S.U.N. candidates "
                      "(red stars: new stable, colour: E_hull ≤ 0.1 eV/atom)",
                      lambda p: plot_phase_diagrams(refs, cands, p))
     if result is not None:
@@ -555,11 +331,11 @@ def _top_section(data: RunData, out: Path, top: int) -> Section:
         rows.append([rank, c.id, c.formula, len(c.structure), _spacegroup(c.structure), p.iteration,
                      c.e_hull * 1000, c.is_stable, c.is_unique, c.is_novel, c.is_sun, c.selected,
                      c.id in labelled, c.delta_entropy, p.generator, json.dumps(p.condition), p.parent,
-                     p.sample_index, p.seed, c.model, _Html(f'<a href="{cif}">cif</a>')])
-    table = _table(["#", "id", "formula", "atoms", "space group", "iter.", "E_hull (meV/atom)", "stable", "unique",
+                     p.sample_index, p.seed, c.model, HtmlCell(f'<a href="{cif}">cif</a>')])
+    page_table = table(["#", "id", "formula", "atoms", "space group", "iter.", "E_hull (meV/atom)", "stable", "unique",
                     "novel", "S.U.N.", "selected", "labelled", "δH", "generator", "condition", "parent",
                     "sample", "seed", "model", "file"], rows, "top")
-    sec.body = table
+    sec.body = page_table
     return sec
 
 
@@ -588,7 +364,7 @@ def _downstream_section(data: RunData, out: Path) -> Section:
                 files = write_conductivity_report(output, out / "conductivity")
                 if output.table:
                     cols = list(output.table[0])
-                    sec.body += "<h3>Kinetically stable conductors</h3>" + _table(
+                    sec.body += "<h3>Kinetically stable conductors</h3>" + table(
                         cols, [[r.get(c) for c in cols] for r in output.table])
         except Exception as exc:
             sec.missing.append(f"{stage} stage output could not be reported: {type(exc).__name__}: {exc}")
@@ -616,49 +392,6 @@ def _downstream_section(data: RunData, out: Path) -> Section:
         sec.missing.append("no qha/conductivity stage in the store and no RUN_DIR/downstream folder "
                            "(run the downstream screens to fill this section)")
     return sec
-
-
-# ----------------------------------------------------------------------------- page
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1250px;color:#222}
-h1{margin-bottom:0.2em} h2{border-bottom:1px solid #ccc;padding-bottom:0.2em;margin-top:1.6em}
-figure{display:inline-block;margin:0.5em 1em 0.5em 0;vertical-align:top}
-figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:0.85em;color:#555;max-width:700px}
-table{border-collapse:collapse;font-size:0.8em;margin:0.6em 0} td,th{border:1px solid #ddd;padding:2px 6px}
-th{background:#f3f3f3} .missing{color:#a15c00;font-size:0.9em} code{background:#f5f5f5;padding:0 3px}
-nav a{margin-right:0.8em;font-size:0.9em}
-"""
-
-
-def render_page(title: str, run_dir: Path, sections: list[Section], seconds: float) -> str:
-    """The report page: navigation, a 'what is missing' list, then each section."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>cscflow report: {html.escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>cscflow report: {html.escape(title.split(' (')[0])}</h1>",
-        f"<p>Run directory <code>{html.escape(str(run_dir))}</code>; written "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')} in {seconds:.1f} s.</p>",
-        "<nav>" + "".join(f'<a href="#{s.key}">{html.escape(s.title.split(" (")[0])}</a>' for s in sections) + "</nav>",
-    ]
-    missing = [(s, m) for s in sections for m in s.missing]
-    if missing:
-        parts.append('<h2 id="missing">What is missing</h2><ul class="missing">'
-                     + "".join(f'<li><a href="#{s.key}">{html.escape(s.title)}</a>: {html.escape(m)}</li>'
-                               for s, m in missing) + "</ul>")
-    for s in sections:
-        parts.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>')
-        for m in s.missing:
-            parts.append(f'<p class="missing">missing: {html.escape(m)}</p>')
-        for src, caption in s.figures:
-            parts.append(f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        if s.body:
-            parts.append(s.body)
-        parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def write_report(
@@ -720,43 +453,3 @@ class ReportMaker(Maker):
     @job
     def make(self, run_dir: str, out_dir: str | None = None) -> ReportOutput:
         return write_report(run_dir, out_dir, self.top, self.parity, self.tsne, self.anion_map, self.seed)
-
-
-# ----------------------------------------------------------------------------- CLI
-@click.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: RUN_DIR/report).")
-@click.option("--top", default=20, show_default=True, help="Rows in the top-candidates table.")
-@click.option("--no-parity", is_flag=True, help="Skip evaluating the last model on its test frames.")
-@click.option("--no-tsne", is_flag=True, help="Skip fingerprints and t-SNE maps (the slowest part).")
-@click.option("--anion-map", is_flag=True, help="Also map the Li-removed anion frameworks.")
-@click.option("--seed", default=0, show_default=True, help="t-SNE seed.")
-def report_command(run_dir, out_dir, top, no_parity, no_tsne, anion_map, seed):
-    """Write RUN_DIR/report/index.html with every figure of the run (works on a run in progress).
-
-    A `cscflow chggen` run directory gets the CHGGen figures instead (success rates, ΔE/RMSD/E_d,
-    RDFs and coordination numbers)."""
-    import os
-
-    from cscflow.config import SpecError
-    from cscflow.runner import RunError
-    from cscflow.stores import StoreError
-
-    from cscflow.chggen.report import is_chggen_run, write_chggen_report
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        if is_chggen_run(run_dir):
-            result = write_chggen_report(run_dir, out_dir)
-        else:
-            result = write_report(run_dir, out_dir, top=top, parity=not no_parity, tsne=not no_tsne,
-                                  anion_map=anion_map, seed=seed)
-    except (RunError, SpecError, StoreError, ValueError) as exc:
-        if os.environ.get("CSCFLOW_DEBUG"):
-            raise
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"report: {result.index_html} ({len(result.figures)} figures, {result.seconds:.1f} s)")
-    for key, notes in result.missing.items():
-        for note in notes:
-            click.echo(f"  missing [{key}]: {note}")

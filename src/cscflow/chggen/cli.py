@@ -78,9 +78,9 @@ def format_report(report) -> str:
 def chggen_command(spec, run_dir):
     """CHGGen: lattice search, unconditional generation, framework symmetrization, RePaint inpainting."""
     from cscflow.chggen.settings import load_chggen_spec
-    from cscflow.cli import _configure_logging
+    from cscflow.cli_logging import configure_logging
 
-    _configure_logging()
+    configure_logging()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     resolved = load_chggen_spec(spec)
     target = run_dir or os.path.join("runs", f"{resolved.name}-chggen")

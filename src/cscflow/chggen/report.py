@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cscflow.analysis.figures import _pyplot, _save
-from cscflow.analysis.report import ReportOutput, Section, _figure, _table, render_page
+from cscflow.analysis.plotting import pyplot, save_figure
+from cscflow.analysis.report_html import ReportOutput, Section, add_figure, render_page, table
 from cscflow.chggen.settings import is_chggen_spec, read_spec_mapping
 
 __all__ = ["is_chggen_run", "load_chggen_report", "write_chggen_report"]
@@ -65,7 +65,7 @@ def plot_success_by_atoms(report, path: Path) -> Path:
     atoms = sorted({int(n) for m in MODES for n in (rates[m].get("by_atoms") or {})})
     if not atoms:
         raise ValueError("no relaxed structure in either mode")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = np.arange(len(atoms))
     for i, m in enumerate(MODES):
@@ -78,7 +78,7 @@ def plot_success_by_atoms(report, path: Path) -> Path:
     ax.set_ylabel("symmetry success rate")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_distributions(report, path: Path) -> Path:
@@ -86,7 +86,7 @@ def plot_distributions(report, path: Path) -> Path:
     rows = report.structures
     if not rows:
         raise ValueError("no relaxed structure to plot")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
     for ax, key, label in zip(axes, ("delta_e", "rmsd", "e_d"),
                               ("ΔE generated − relaxed (eV/atom)", "RMSD (Å)", "E_d (eV/atom)")):
@@ -102,7 +102,7 @@ def plot_distributions(report, path: Path) -> Path:
         ax.set_xlabel(label)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("structures")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rdfs(report, path: Path) -> Path:
@@ -112,7 +112,7 @@ def plot_rdfs(report, path: Path) -> Path:
     pairs = sorted({p for k, v in rdf.items() if k != "r" for p in v})
     if r.size == 0 or not pairs:
         raise ValueError("no radial distribution functions in the report")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.0), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         for key in ("reference", *MODES):
@@ -123,7 +123,7 @@ def plot_rdfs(report, path: Path) -> Path:
         ax.set_xlabel("r (Å)")
     axes[0][0].set_ylabel("g(r)")
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_coordination(report, path: Path) -> Path:
@@ -132,7 +132,7 @@ def plot_coordination(report, path: Path) -> Path:
     elements = sorted({el for v in coord.values() for el in v})
     if not elements:
         raise ValueError("no coordination statistics in the report")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(elements), figsize=(3.6 * len(elements), 3.0), squeeze=False)
     sets = [k for k in ("reference", *MODES) if k in coord]
     width = 0.8 / len(sets)
@@ -149,7 +149,7 @@ def plot_coordination(report, path: Path) -> Path:
         ax.set_xlabel("coordination number")
     axes[0][0].set_ylabel("fraction of sites")
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_chggen_report(run_dir: str | Path, out_dir: str | Path | None = None) -> ReportOutput:
@@ -168,31 +168,31 @@ def write_chggen_report(run_dir: str | Path, out_dir: str | Path | None = None) 
                      f.get("relaxed"), json.dumps(f.get("rejected") or {}), rate.get("n_symmetric"), rate.get("rate"),
                      (report.delta_e.get(m) or {}).get("median"), (report.rmsd.get(m) or {}).get("median"),
                      (report.e_d.get(m) or {}).get("median")])
-    summary.body = _table(["mode", "requested", "generated", "generation failures", "relaxed", "rejected",
+    summary.body = table(["mode", "requested", "generated", "generation failures", "relaxed", "rejected",
                            "symmetric", "success rate", "median ΔE (eV/atom)", "median RMSD (Å)",
                            "median E_d (eV/atom)"], rows)
     fw = report.framework_success
     summary.body += (f"<p>Frameworks symmetrized: {'–' if fw is None else f'{fw:.2f}'}; "
                      f"structures passed on to DFT (E_d below threshold): {report.n_to_dft}.</p>")
-    summary.body += "<h3>Wall time per stage (s)</h3>" + _table(
+    summary.body += "<h3>Wall time per stage (s)</h3>" + table(
         ["stage", "seconds"], [[k, v] for k, v in report.wall_seconds.items()])
-    _figure(summary, out, "chggen_success.png", "symmetry success rate by atom count (paper 002, Fig. 6)",
+    add_figure(summary, out, "chggen_success.png", "symmetry success rate by atom count (paper 002, Fig. 6)",
             lambda p: plot_success_by_atoms(report, p))
 
     dist = Section("distributions", "Relaxation changes and decomposition energies (Fig. 4a–c)")
-    _figure(dist, out, "chggen_distributions.png", "ΔE, RMSD and E_d of the relaxed structures",
+    add_figure(dist, out, "chggen_distributions.png", "ΔE, RMSD and E_d of the relaxed structures",
             lambda p: plot_distributions(report, p))
 
     local = Section("locality", "Local environments: partial RDFs and coordination numbers (Fig. 2)")
-    _figure(local, out, "chggen_rdf.png", "mean partial RDFs, generated vs reference", lambda p: plot_rdfs(report, p))
-    _figure(local, out, "chggen_cn.png", f"coordination numbers ({report.coordination_method})",
+    add_figure(local, out, "chggen_rdf.png", "mean partial RDFs, generated vs reference", lambda p: plot_rdfs(report, p))
+    add_figure(local, out, "chggen_cn.png", f"coordination numbers ({report.coordination_method})",
             lambda p: plot_coordination(report, p))
     if report.rdf_difference:
-        local.body = _table(["mode", "pair", "mean |g_gen − g_ref|"],
+        local.body = table(["mode", "pair", "mean |g_gen − g_ref|"],
                             [[m, pair, v] for m, d in report.rdf_difference.items() for pair, v in d.items()])
 
     ranked = Section("structures", "Relaxed structures ranked by E_d")
-    ranked.body = _table(["id", "mode", "formula", "atoms", "space group", "ΔE (eV/atom)", "RMSD (Å)",
+    ranked.body = table(["id", "mode", "formula", "atoms", "space group", "ΔE (eV/atom)", "RMSD (Å)",
                           "E_d (eV/atom)", "to DFT", "parent"],
                          [[r["id"], r["mode"], r["formula"], r["n_atoms"], r["space_group"], r["delta_e"], r["rmsd"],
                            r["e_d"], r["to_dft"], r["parent"]] for r in report.structures])

@@ -211,6 +211,10 @@ def isotropic_supercell_matrix(structure: Structure, min_length: float, max_atom
     Using the perpendicular widths (not just |a|, |b|, |c|) keeps periodic images at least
     ``min_length`` apart in skewed cells too; repeating each axis by the ceiling of
     ``min_length / width`` gives near-equal lengths, as the paper asks.
+
+    Not pymatgen's ``CubicSupercellTransformation``: it bounds in-plane heights, not plane
+    spacings (mp-641703 at 6 Å: 5.74 Å), and its non-diagonal cells break the symmetry phonopy
+    uses (primitive Li2S at 7 Å: 54 atoms x 9 displacements vs 81 atoms x 2 here).
     """
     if min_length <= 0:
         return np.eye(3, dtype=int).tolist()

@@ -34,22 +34,18 @@ __all__ = [
     "ConductivityResult",
     "ConductivitySettings",
     "MdTrajectory",
+    "analyse_trajectory",
     "candidate_table",
-    "diffusivities_from_displacements",
-    "nernst_einstein_conductivity",
+    "diffusion_analyzers",
     "plot_msd",
     "run_md",
     "screen_reason",
     "screen_structures",
-    "unwrap_displacements",
+    "trajectory_structures",
     "write_conductivity_report",
 ]
 
 logger = logging.getLogger(__name__)
-
-# e^2 / k_B in C^2 / (J/K): sigma = n z^2 e^2 D / (k_B T)
-_E = 1.602176634e-19
-_KB = 1.380649e-23
 
 
 class ConductivitySettings(BaseModel):
@@ -177,60 +173,35 @@ def screen_structures(items: list[Item], settings: ConductivitySettings) -> tupl
 
 
 # ----------------------------------------------------------------------------- MSD / D / sigma
-def unwrap_displacements(frac_positions: np.ndarray, lattice: np.ndarray) -> np.ndarray:
-    """Cartesian displacements from frame 0, (n_atoms, n_frames, 3), wrapped or not.
-
-    Frame-to-frame fractional steps are taken by minimum image, so frames must be close
-    enough that no atom moves half a cell between them (a few fs of MD is).
-    """
-    frac = np.asarray(frac_positions, dtype=float)
-    if frac.ndim != 3 or frac.shape[2] != 3:
-        raise ValueError(f"frac_positions must be (n_frames, n_atoms, 3), got {frac.shape}")
-    steps = np.diff(frac, axis=0)
-    steps -= np.round(steps)
-    disp_frac = np.concatenate([np.zeros_like(frac[:1]), np.cumsum(steps, axis=0)], axis=0)
-    return np.transpose(disp_frac @ np.asarray(lattice), (1, 0, 2))
-
-
-def diffusivities_from_displacements(
-    structure: Structure,
-    displacements: np.ndarray,
+def diffusion_analyzers(
+    structures: list[Structure],
     temperature: float,
     frame_interval_fs: float,
     smoothing: Literal["none", "max"] = "none",
-) -> tuple[dict[str, float], np.ndarray, dict[str, np.ndarray]]:
-    """D (cm^2/s) per element by pymatgen-analysis-diffusion's MSD fit.
+) -> dict:
+    """pymatgen-analysis-diffusion's ``DiffusionAnalyzer.from_structures``, one per element.
 
-    Returns (D per element, time axis in fs, MSD per element in Å^2). Drift of the other
-    elements is removed by ``DiffusionAnalyzer``.
+    It unwraps the frames by minimum image (frames must be closer than half a cell apart,
+    as a few fs of MD are) and removes the drift of the other elements.
     """
     from pymatgen.analysis.diffusion.analyzer import DiffusionAnalyzer
 
-    elements = sorted({sp.symbol for sp in structure.species})
+    elements = sorted({sp.symbol for sp in structures[0].species})
     if len(elements) < 2:
         raise ValueError("D per element needs at least two elements (drift is removed with the others)")
-    if displacements.shape[0] != len(structure):
-        raise ValueError(f"{displacements.shape[0]} displacement rows for {len(structure)} sites")
-    diffusivity, msd = {}, {}
-    time_fs = None
-    for element in elements:
-        analyzer = DiffusionAnalyzer(
-            structure, displacements, element, temperature,
-            time_step=frame_interval_fs, step_skip=1,
+    return {
+        element: DiffusionAnalyzer.from_structures(
+            structures, element, temperature, time_step=frame_interval_fs, step_skip=1,
             smoothed=False if smoothing == "none" else smoothing,
         )
-        diffusivity[element] = float(analyzer.diffusivity)
-        msd[element] = np.asarray(analyzer.msd)
-        time_fs = np.asarray(analyzer.dt)
-    return diffusivity, time_fs, msd
+        for element in elements
+    }
 
 
-def nernst_einstein_conductivity(n_per_A3: float, diffusivity_cm2_s: float, temperature: float, z: int = 1) -> float:
-    """sigma = n z^2 e^2 D / (k_B T), in mS/cm, from n in Å^-3 and D in cm^2/s."""
-    if temperature <= 0:
-        raise ValueError("temperature must be positive (K)")
-    n_per_cm3 = n_per_A3 * 1e24
-    return float(n_per_cm3 * z**2 * _E**2 * diffusivity_cm2_s / (_KB * temperature) * 1e3)
+def trajectory_structures(traj: MdTrajectory) -> list[Structure]:
+    """The sampled frames as pymatgen Structures (NVT: one cell)."""
+    species = traj.structure.species
+    return [Structure(traj.lattice, species, frac, coords_are_cartesian=False) for frac in traj.frac_positions]
 
 
 # ----------------------------------------------------------------------------- MD
@@ -323,23 +294,25 @@ def _downsample(x: np.ndarray, n: int = 200) -> list[float]:
 
 def analyse_trajectory(traj: MdTrajectory, settings: ConductivitySettings) -> dict:
     """D per element, gates and sigma of a sampled trajectory (no force field needed)."""
-    disp = unwrap_displacements(traj.frac_positions, traj.lattice)
-    diffusivity, time_fs, msd = diffusivities_from_displacements(
-        traj.structure, disp, settings.temperature, traj.frame_interval_fs, settings.msd_smoothing
-    )
-    if settings.mobile not in diffusivity:
+    from pymatgen.core.periodic_table import get_el_sp
+
+    analyzers = diffusion_analyzers(trajectory_structures(traj), settings.temperature,
+                                    traj.frame_interval_fs, settings.msd_smoothing)
+    if settings.mobile not in analyzers:
         raise ValueError(f"no {settings.mobile} in the structure")
-    n_mobile = traj.structure.composition[settings.mobile] / traj.structure.volume
-    sigma = nernst_einstein_conductivity(n_mobile, diffusivity[settings.mobile], settings.temperature,
-                                         settings.mobile_charge)
+    diffusivity = {el: float(a.diffusivity) for el, a in analyzers.items()}
+    mobile = analyzers[settings.mobile]
+    # Nernst-Einstein by the library, whose z is the element's valence count; sigma ~ z^2
+    z_library = get_el_sp(settings.mobile).full_electronic_structure[-1][2]
+    sigma = float(mobile.conductivity) * (settings.mobile_charge / z_library) ** 2
     stable = all(d < settings.framework_max_diffusivity for el, d in diffusivity.items() if el != settings.mobile)
     return {
         "diffusivity": diffusivity,
         "sigma": sigma,
         "kinetically_stable": stable,
         "conductor": bool(stable and sigma >= settings.conductor_threshold),
-        "msd_time_ps": _downsample(time_fs / 1000),
-        "msd": {el: _downsample(v) for el, v in msd.items()},
+        "msd_time_ps": _downsample(np.asarray(mobile.dt) / 1000),
+        "msd": {el: _downsample(np.asarray(a.msd)) for el, a in analyzers.items()},
         "mean_temperature": float(np.mean(traj.temperatures)),
     }
 

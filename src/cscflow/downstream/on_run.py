@@ -67,7 +67,7 @@ def plan_downstream(
     conductivity_overrides: dict | None = None,
 ) -> DownstreamPlan:
     """The QHA / conductivity jobs for a run, tagged for its store (nothing runs yet)."""
-    from cscflow.analysis.report import load_run_data
+    from cscflow.analysis.run_data import load_run_data
     from cscflow.checkpoint import stage_key
     from cscflow.downstream.conductivity import ConductivityMaker, ConductivitySettings
     from cscflow.downstream.qha import QhaMaker, QhaSettings

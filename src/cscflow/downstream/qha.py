@@ -220,6 +220,10 @@ def gibbs_from_helmholtz(
 
     Returns (G eV/atom, V at the minimum, whether the minimum sits on the grid edge, i.e.
     the pressure needs volumes outside the sampled range and G is only an upper bound).
+
+    Not ``phonopy.PhonopyQHA(..., pressure=p)`` (checked, phonopy 3.5.1): it drops the top
+    temperature (0-600 K in, 0-590 K out), extrapolates past the sampled volumes without a
+    flag, fits one pressure per object, and cannot fit the 3-volume cells kept here (parabola).
     """
     v = np.asarray(volumes, float)
     f = np.asarray(helmholtz_v, float)

@@ -1,0 +1,141 @@
+"""The documents of one run, read back from its store for reports and downstream screens.
+
+Newest document per (iteration, stage), as `cscflow resume` does, so a run that is still
+going can be read; stage outputs that cannot be decoded stay plain dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cscflow.config import ExplorationSpec
+from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry
+
+__all__ = ["DOWNSTREAM_STAGES", "RunData", "as_documents", "load_run_data", "stage_field"]
+
+logger = logging.getLogger(__name__)
+
+DOWNSTREAM_STAGES = ("qha", "conductivity")
+
+
+def stage_field(obj: Any, name: str, default=None):
+    """Attribute of a stage output, whether decoded into its pydantic model or left a dict."""
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def as_documents(model, items) -> list:
+    """Validate a list of documents (objects or their dict form) into `model`."""
+    from pymatgen.core import Structure
+
+    out = []
+    for item in items or []:
+        if isinstance(item, model):
+            out.append(item)
+            continue
+        data = dict(item)
+        data = {k: v for k, v in data.items() if not k.startswith("@")}
+        if isinstance(data.get("structure"), dict):
+            data["structure"] = Structure.from_dict(data["structure"])
+        out.append(model.model_validate(data))
+    return out
+
+
+@dataclass
+class RunData:
+    """The newest output of every (iteration, stage) of one run, decoded."""
+
+    run_dir: Path
+    run_id: str
+    spec: ExplorationSpec
+    outputs: dict[tuple[int, str], Any] = field(default_factory=dict)
+    completed: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> list[int]:
+        """Loop iterations (>= 1) with at least one finished stage."""
+        return sorted({k for k, stage in self.outputs if k >= 1 and stage not in DOWNSTREAM_STAGES})
+
+    def stages(self, k: int) -> list[str]:
+        return sorted(stage for it, stage in self.outputs if it == k)
+
+    def output(self, k: int, stage: str):
+        return self.outputs.get((k, stage))
+
+    def references(self) -> list[ReferenceEntry]:
+        return as_documents(ReferenceEntry, stage_field(self.output(0, "references"), "references", []))
+
+    def candidates(self, k: int) -> tuple[list[Candidate], str | None]:
+        """The most processed candidates of iteration k (score > relax > generate) and their stage."""
+        order = ("references", "relax") if k == 0 else ("score", "relax", "generate")
+        for stage in order:
+            out = self.output(k, stage)
+            if out is not None and stage_field(out, "candidates") is not None:
+                return as_documents(Candidate, stage_field(out, "candidates")), stage
+        return [], None
+
+    def scored(self) -> dict[int, list[Candidate]]:
+        return {k: as_documents(Candidate, stage_field(self.output(k, "score"), "candidates", []))
+                for k in self.iterations if self.output(k, "score") is not None}
+
+    def frames(self, k: int) -> list[Frame]:
+        return as_documents(Frame, stage_field(self.output(k, "label"), "frames", []))
+
+    def all_frames(self) -> list[Frame]:
+        return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]
+
+    def evaluation(self, k: int) -> IterationDocument | None:
+        out = self.output(k, "evaluate")
+        if out is None:
+            return None
+        return out if isinstance(out, IterationDocument) else IterationDocument.model_validate(
+            {a: b for a, b in dict(out).items() if not a.startswith("@")})
+
+    def final_state(self) -> LoopState | None:
+        triggers = sorted(k for k, s in self.outputs if s == "trigger")
+        for k in reversed(triggers):
+            out = self.output(k, "trigger")
+            if stage_field(out, "converged"):
+                return out if isinstance(out, LoopState) else LoopState.model_validate(
+                    {a: b for a, b in dict(out).items() if not a.startswith("@")})
+        return None
+
+
+def load_run_data(run_dir: str | Path) -> RunData:
+    """Read the newest finished document of every stage of the run in `run_dir`."""
+    from monty.json import MontyDecoder
+
+    from cscflow.runner import load_run
+    from cscflow.stores import build_job_store
+
+    run_dir = Path(run_dir).resolve()
+    run_id, spec = load_run(run_dir)
+    store = build_job_store(spec.store, run_dir)
+    store.connect()
+    try:
+        docs = list(store.query({"metadata.run_id": run_id, "output": {"$ne": None}},
+                                properties=["uuid", "metadata", "completed_at", "output"], load=True))
+    finally:
+        store.close()
+    data = RunData(run_dir=run_dir, run_id=run_id, spec=spec)
+    raw: dict[tuple[int, str], dict] = {}
+    for doc in docs:
+        meta = doc.get("metadata") or {}
+        key = (int(meta.get("iteration", -1)), str(meta.get("stage")))
+        if key not in raw or str(doc.get("completed_at")) > str(raw[key].get("completed_at")):
+            raw[key] = doc
+    decoder = MontyDecoder()
+    for key, doc in raw.items():
+        try:
+            data.outputs[key] = decoder.process_decoded(doc["output"])
+        except Exception as exc:  # a stage module that cannot be imported: keep the plain dict
+            logger.warning("stage %s of iteration %s not decoded (%s): using its raw form", key[1], key[0], exc)
+            data.outputs[key] = doc["output"]
+        data.completed[key] = str(doc.get("completed_at"))
+    return data

@@ -62,12 +62,12 @@ def _run_trigger(spec, state):
     from jobflow.managers.fireworks import flow_to_workflow
     from maggma.stores import MemoryStore
 
-    from cscflow.loop import _tag_trigger, exploration_step
+    from cscflow.loop import tag_trigger, exploration_step
 
     store = JobStore(MemoryStore())
     store.connect()
     trigger = exploration_step(state)
-    _tag_trigger(trigger, spec, state.run_id, state.iteration)
+    tag_trigger(trigger, spec, state.run_id, state.iteration)
     response = trigger.run(store)
     # jobflow's JobFiretask does exactly this; it raises on references to jobs outside the flow.
     return flow_to_workflow(response.replace, None)

@@ -11,10 +11,11 @@ from cscflow.schemas import Candidate, Provenance
 
 @pytest.fixture()
 def li3ps4(lips_records):
-    from tests.conftest import structure_from_record
+    # (not `from tests.conftest import ...`: mace-torch installs a top-level `tests` package)
+    from pymatgen.core import Structure
 
     rec = next(r for r in lips_records if r["formula"] == "Li3PS4")
-    return structure_from_record(rec)
+    return Structure.from_str(rec["cif"], fmt="cif")
 
 
 def _inputs(generator, structure):

@@ -51,7 +51,7 @@ def test_every_job_goes_to_its_categorys_worker_also_after_a_trigger(remote_spec
     from jobflow import JobStore
     from maggma.stores import MemoryStore
 
-    from cscflow.loop import _tag_trigger, exploration_flow, exploration_step
+    from cscflow.loop import tag_trigger, exploration_flow, exploration_step
     from cscflow.remote import remote_flow
     from cscflow.schemas import LoopState
 
@@ -73,7 +73,7 @@ def test_every_job_goes_to_its_categorys_worker_also_after_a_trigger(remote_spec
     state = LoopState(run_id="r1", spec=spec.model_dump(mode="json"), reference_uuid="ref",
                       labelled_uuids=["l0"], scored_uuids=[], iteration=0)
     trigger = exploration_step(state)
-    _tag_trigger(trigger, spec, "r1", 0)
+    tag_trigger(trigger, spec, "r1", 0)
     assert _queue_doc(trigger, "project_default")["worker"] == "cpu_worker"
     response = trigger.run(store)
     added = list(response.replace.iterflow())

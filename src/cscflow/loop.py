@@ -19,7 +19,7 @@ from cscflow.checkpoint import KEY, stage_key
 from cscflow.config import ExplorationSpec
 from cscflow.schemas import IterationDocument, LoopState
 
-__all__ = ["exploration_flow", "exploration_step", "iteration_jobs", "tag_stage", "trained_model"]
+__all__ = ["exploration_flow", "exploration_step", "iteration_jobs", "tag_stage", "tag_trigger", "trained_model"]
 
 
 def tag_stage(job_: Job, spec: ExplorationSpec, run_id: str, iteration: int, stage: str) -> Job:
@@ -190,7 +190,7 @@ def exploration_step(
     trigger = exploration_step(
         next_state, evaluation=jobs["evaluate"].output, train=jobs["train"].output, generator=finetuned
     )
-    _tag_trigger(trigger, spec, state.run_id, k)
+    tag_trigger(trigger, spec, state.run_id, k)
     # No flow output on purpose: jobflow would add an uncategorised `store_inputs` job that
     # category-bound FireWorks workers never pick up. The last trigger returns the final state.
     return Response(replace=Flow([*jobs.values(), trigger], name=f"iteration {k}"))
@@ -213,7 +213,7 @@ def _get(obj, name: str):
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
-def _tag_trigger(trigger: Job, spec: ExplorationSpec, run_id: str, k: int) -> None:
+def tag_trigger(trigger: Job, spec: ExplorationSpec, run_id: str, k: int) -> None:
     trigger.name = f"explore after it{k}"
     trigger.metadata.update({"run_id": run_id, "iteration": k, "stage": "trigger"})
     trigger.config.expose_store = True
@@ -253,5 +253,5 @@ def exploration_flow(spec: ExplorationSpec, run_id: str | None = None, seeds=Non
         labelled_uuids=[jobs["label"].uuid],
     )
     trigger = exploration_step(state, after=jobs["label"].output.labeller)
-    _tag_trigger(trigger, spec, run_id, 0)
+    tag_trigger(trigger, spec, run_id, 0)
     return Flow([*jobs.values(), trigger], output=trigger.output, name=f"cscflow {spec.name}")

@@ -204,7 +204,7 @@ def _plain(obj):
 
 def resume(run_dir: str | Path) -> LoopState:
     """Finish an interrupted run; finished stages are reused from the store."""
-    from cscflow.loop import _tag_trigger, exploration_flow, exploration_step
+    from cscflow.loop import tag_trigger, exploration_flow, exploration_step
 
     run_dir = Path(run_dir).resolve()
     run_id, spec = load_run(run_dir)
@@ -221,7 +221,7 @@ def resume(run_dir: str | Path) -> LoopState:
             flow = exploration_flow(spec, run_id)
         else:
             flow = exploration_step(state)
-            _tag_trigger(flow, spec, run_id, state.iteration)
+            tag_trigger(flow, spec, run_id, state.iteration)
         return _run(flow, spec, run_dir)
 
 

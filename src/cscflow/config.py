@@ -32,6 +32,7 @@ __all__ = [
     "ScoreSettings",
     "SelectionSettings",
     "SpecError",
+    "read_spec_mapping",
     "StoreSettings",
     "CHGNetTrainSettings",
     "MACETrainSettings",
@@ -612,9 +613,8 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_spec(path: str | Path, model: type[ExplorationSpec] = ExplorationSpec) -> ExplorationSpec:
-    """Read and validate a spec (an ExplorationSpec or a subclass such as the CHGGen spec);
-    relative file paths are taken relative to the spec."""
+def read_spec_mapping(path: str | Path) -> dict:
+    """The spec file's raw settings mapping; a missing file or bad YAML is a SpecError."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
@@ -624,6 +624,14 @@ def load_spec(path: str | Path, model: type[ExplorationSpec] = ExplorationSpec) 
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a YAML mapping of settings")
+    return raw
+
+
+def load_spec(path: str | Path, model: type[ExplorationSpec] = ExplorationSpec) -> ExplorationSpec:
+    """Read and validate a spec (an ExplorationSpec or a subclass such as the CHGGen spec);
+    relative file paths are taken relative to the spec."""
+    path = Path(path)
+    raw = read_spec_mapping(path)
     base = path.resolve().parent
     _resolve_relative_paths(raw, base)
     try:

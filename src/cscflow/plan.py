@@ -15,7 +15,6 @@ candidates (prototype structures), one per selected slot.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from cscflow.config import ExplorationSpec, SpecError, load_spec
+from cscflow.config import ExplorationSpec, SpecError, load_spec, read_spec_mapping
 from cscflow.schemas import Candidate, Frame, LoopState, MatchKey, Provenance
 
 __all__ = ["COSTS", "Cost", "IterationPlan", "format_plan", "load_plan_spec", "plan_command", "plan_iteration"]
@@ -130,15 +129,7 @@ def load_plan_spec(path: str | Path, workdir: str | Path) -> tuple[ExplorationSp
     """The spec, with every missing model/seed path listed and replaced by a placeholder
     under `workdir` (seed files: dropped). Other errors are the usual SpecError."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a spec must be a YAML mapping of settings")
-    raw = copy.deepcopy(raw)
+    raw = read_spec_mapping(path)
     base = path.resolve().parent
     workdir = Path(workdir)
     missing: list[str] = []

@@ -28,7 +28,7 @@ from cscflow.checkpoint import resumable
 from cscflow.config import ConvergenceSettings, SelectionSettings, TrainingSettings
 from cscflow.datasets import flatten_frames, split_frames
 from cscflow.entropy import DescriptorCache, dh_dn, entropy, entropy_along, stack_descriptors, structure_descriptors
-from cscflow.schemas import Candidate, Frame, IterationDocument
+from cscflow.schemas import Candidate, field_of, Frame, IterationDocument
 
 __all__ = ["EvaluateMaker", "condition_key", "evaluate_iteration", "reason_key", "should_stop"]
 
@@ -51,13 +51,6 @@ def reason_key(reason: str | None) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
-def _attr(obj: Any, name: str):
-    """Attribute of a train output, whether a pydantic object or its dict form."""
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
 
 
 def _curve_points(h: list[float], rates: list[float | None], max_points: int = 200) -> list[list[float | None]]:
@@ -77,7 +70,7 @@ def training_entropy_curve(
 ) -> list[float]:
     """H of the first N training frames in ranking order (see module docstring)."""
     k, cutoff = selection.entropy_k, selection.entropy_cutoff
-    ids = list(_attr(train, "train_frame_ids") or [])
+    ids = list(field_of(train, "train_frame_ids") or [])
     by_id = {f.frame_id: f for f in frames}
     if ids and all(i in by_id for i in ids):
         ordered = [by_id[i] for i in ids]
@@ -171,9 +164,9 @@ def evaluate_iteration(
         unique_ratio=ratio(counts["n_unique"]),
         novel_ratio=ratio(counts["n_novel"]),
         e_hull_by_condition=dict(e_hull),
-        energy_rmse=_attr(train, "energy_rmse"),
-        force_rmse=_attr(train, "force_rmse"),
-        model_path=_attr(train, "model_path"),
+        energy_rmse=field_of(train, "energy_rmse"),
+        force_rmse=field_of(train, "force_rmse"),
+        model_path=field_of(train, "model_path"),
         rejection_reasons=dict(Counter(reason_key(c.reject_reason) for c in rejected)),
     )
 

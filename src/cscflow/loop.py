@@ -17,7 +17,7 @@ from jobflow.core.reference import OutputReference
 
 from cscflow.checkpoint import KEY, stage_key
 from cscflow.config import ExplorationSpec
-from cscflow.schemas import IterationDocument, LoopState
+from cscflow.schemas import field_of, IterationDocument, LoopState
 
 __all__ = ["exploration_flow", "exploration_step", "iteration_jobs", "tag_stage", "tag_trigger", "trained_model"]
 
@@ -199,18 +199,14 @@ def exploration_step(
 def advance_state(state: LoopState, evaluation, train=None, generator=None) -> LoopState:
     """Fold one finished iteration (its evaluation, trained models) into the state."""
     updates = {"history": [*state.history, evaluation]}
-    model_path = _get(train, "model_path")
+    model_path = field_of(train, "model_path")
     if model_path:
-        updates.update(model_path=model_path, model_checkpoint=_get(train, "checkpoint_path"))
-    if _get(generator, "checkpoint"):
-        updates["generator_checkpoint"] = _get(generator, "checkpoint")
+        updates.update(model_path=model_path, model_checkpoint=field_of(train, "checkpoint_path"))
+    if field_of(generator, "checkpoint"):
+        updates["generator_checkpoint"] = field_of(generator, "checkpoint")
     return state.model_copy(update=updates)
 
 
-def _get(obj, name: str):
-    if obj is None:
-        return None
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def tag_trigger(trigger: Job, spec: ExplorationSpec, run_id: str, k: int) -> None:

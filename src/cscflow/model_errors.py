@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from cscflow.schemas import field_of
+
 __all__ = ["ModelErrors", "fixed_test_errors", "format_errors"]
 
 
@@ -29,9 +31,6 @@ class ModelErrors(BaseModel):
     force_rmse: float | None = None
 
 
-def _get(obj, name: str, default=None):
-    value = obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-    return default if value is None else value
 
 
 def fixed_test_errors(run_dir: str | Path) -> list[ModelErrors]:
@@ -42,20 +41,20 @@ def fixed_test_errors(run_dir: str | Path) -> list[ModelErrors]:
 
     data = load_run_data(run_dir)
     trains = {k: data.output(k, "train") for k in data.iterations if data.output(k, "train") is not None}
-    trains = {k: t for k, t in trains.items() if _get(t, "model_path")}
+    trains = {k: t for k, t in trains.items() if field_of(t, "model_path")}
     if not trains:
         raise ValueError(f"{run_dir}: no trained model yet")
     last = trains[max(trains)]
-    test_ids = set(_get(last, "test_frame_ids", []))
+    test_ids = set(field_of(last, "test_frame_ids", []))
     test = [f for f in data.all_frames() if f.frame_id in test_ids]
     rows = []
     base = evaluate_model(None, test, data.spec.forcefield)
     rows.append(ModelErrors(model=f"untuned {model_tag(data.spec.forcefield)}", n_test=len(test),
                             energy_rmse=base["energy_rmse"], force_rmse=base["force_rmse"]))
     for k, t in sorted(trains.items()):
-        m = evaluate_model(_get(t, "model_path"), test, data.spec.forcefield)
-        overlap = len(test_ids & set(_get(t, "train_frame_ids", [])))
-        rows.append(ModelErrors(model=f"{_get(t, 'backend', 'model')} it{k}", iteration=k, n_test=len(test),
+        m = evaluate_model(field_of(t, "model_path"), test, data.spec.forcefield)
+        overlap = len(test_ids & set(field_of(t, "train_frame_ids", [])))
+        rows.append(ModelErrors(model=f"{field_of(t, 'backend', 'model')} it{k}", iteration=k, n_test=len(test),
                                 n_trained_on_test=overlap, energy_rmse=m["energy_rmse"], force_rmse=m["force_rmse"]))
     return rows
 

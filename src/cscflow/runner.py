@@ -24,7 +24,7 @@ from jobflow import run_locally
 from cscflow.config import ExplorationSpec, SpecError, load_spec
 from cscflow.prerequisites import check_prerequisites
 from cscflow.runlock import run_lock
-from cscflow.schemas import IterationDocument, LoopState
+from cscflow.schemas import field_of, IterationDocument, LoopState
 from cscflow.stores import StoreError, build_job_store
 
 __all__ = ["RunError", "explore", "load_run", "rebuild_state", "resume", "status_rows", "format_status"]
@@ -187,15 +187,11 @@ def rebuild_state(store, run_id: str, spec: ExplorationSpec) -> LoopState | None
         k += 1
     if (state.iteration, "trigger") in latest:
         out = decode(latest[(state.iteration, "trigger")]["output"])
-        if _get(out, "converged"):
+        if field_of(out, "converged"):
             return LoopState.model_validate(_plain(out))
     return state
 
 
-def _get(obj, name):
-    if obj is None:
-        return None
-    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
 def _plain(obj):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymatgen.core import Structure
 
 __all__ = [
+    "field_of",
     "Candidate",
     "MatchKey",
     "Frame",
@@ -178,3 +179,12 @@ class LoopState(_Doc):
     history: list[IterationDocument] = Field(default_factory=list)
     converged: bool = False
     stop_reason: str | None = None
+
+
+def field_of(obj, name: str, default=None):
+    """A field of a stage output whether it arrives as the pydantic document or, from a store,
+    as its dict form; `default` when absent or None."""
+    if obj is None:
+        return default
+    value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return default if value is None else value

@@ -25,14 +25,13 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from jobflow import Maker, job
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pymatgen.core import Structure
 
 from cscflow.checkpoint import resumable
@@ -368,14 +367,6 @@ GENERATORS["mattergen"] = _mattergen
 # ------------------------------------------------------------------------- fine-tuning
 
 
-def _flatten(frames) -> list[Frame]:
-    flat: list[Frame] = []
-    for item in frames or ():
-        if isinstance(item, (list, tuple)):
-            flat.extend(item)
-        else:
-            flat.append(item)
-    return flat
 
 
 _RELAX_STEP = re.compile(r"^(?P<copy>.+-relax\d+)-s(?P<step>\d+)$")
@@ -390,8 +381,10 @@ def relaxed_frames(frames: Sequence[Frame]) -> list[Frame]:
     as ``unperturbed`` are taken as they are (equilibrium structures labelled without the
     protocol). Perturbed and static frames are off-equilibrium and never targets.
     """
+    from cscflow.datasets import flatten_frames
+
     last: dict[str, Frame] = {}
-    for f in _flatten(frames):
+    for f in flatten_frames(frames):
         if f.kind == "unperturbed":
             last.setdefault(f.frame_id, f)
             continue

@@ -19,7 +19,7 @@ def test_demo_spec_loads():
     spec = load_spec(REPO / "workflows" / "lips_demo.yaml")
     assert spec.chemical_system.chemsys == "Li-P-S"
     assert spec.generator.conditions == [0.0, 0.03, 0.06]
-    assert spec.max_iterations == 3
+    assert spec.max_iterations >= 2  # a closed loop: the fine-tuned model drives a later iteration
     # Paper defaults survive where the demo does not override them.
     assert spec.training.start_lr == 1e-3 and spec.training.stop_lr == 3e-5
     assert [b.quota for b in spec.selection.bins] == [100, 200, 300]

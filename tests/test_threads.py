@@ -15,10 +15,10 @@ pytestmark = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores
 DIRECT = """
 import torch
 from pymatgen.core import Lattice, Structure
-from cscflow.entropy import dataset_entropy, structure_descriptors
+from cscflow.entropy import entropy, structure_descriptors
 s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.71), ["S", "Li"], [[0, 0, 0], [.25, .25, .25]])
 before = torch.get_num_threads()
-dataset_entropy(structure_descriptors([s])[0])
+entropy(structure_descriptors([s])[0])
 print(before, torch.get_num_threads())
 """
 

@@ -53,3 +53,24 @@ def test_chgnet_finetune_from_wheel_transfers_to_another_models_labels(frames, t
     assert result["force_rmse"] < before["force_rmse"], (before, result)
     assert result["energy_rmse"] < before["energy_rmse"], (before, result)
     assert result["stress_rmse"] < before["stress_rmse"], (before, result)  # stress units/sign
+
+
+def test_chgnet_last_layers_fine_tune_keeps_lower_layers(frames, tmp_path):
+    """trainable: last_layers moves only the last atom convolution and the readout."""
+    import torch
+    from chgnet.model import CHGNet
+
+    settings = TrainingSettings(backend="chgnet", device="cpu",
+                                chgnet={"epochs": 1, "batch_size": 4, "learning_rate": 1e-3,
+                                        "criterion": "Huber", "trainable": "last_layers",
+                                        "validation_fraction": 0.0})
+    result = train_model(frames[:8], tmp_path / "ft", settings, TYPE_MAP)
+    tuned = CHGNet.from_file(result["model_path"]).state_dict()
+    wheel = CHGNet.load(model_name="0.3.0", verbose=False).state_dict()
+    n_conv = 1 + max(int(k.split(".")[1]) for k in wheel if k.startswith("atom_conv_layers."))
+    frozen = [k for k in wheel if k.startswith(("atom_embedding", "bond_embedding", "angle_embedding",
+                                                "bond_conv_layers", "angle_layers", "atom_conv_layers.0."))]
+    moved = [k for k in wheel if k.startswith(("mlp.", f"atom_conv_layers.{n_conv - 1}."))]
+    assert frozen and moved
+    assert all(torch.equal(tuned[k], wheel[k]) for k in frozen)
+    assert any(not torch.equal(tuned[k], wheel[k]) for k in moved)

@@ -312,6 +312,10 @@ class CHGNetTrainSettings(_Settings):
     energy_loss_ratio: float = 1.0
     force_loss_ratio: float = 1.0
     stress_loss_ratio: float = 0.1
+    criterion: Literal["MSE", "Huber", "MAE"] = "MSE"
+    # "last_layers": freeze embeddings, basis expansions, bond/angle layers and the first
+    # three atom convolutions, as CHGNet's fine-tuning example does; "all": train everything.
+    trainable: Literal["all", "last_layers"] = "all"
     # Refit the per-element reference energies (AtomRef) to the training labels first:
     # another code's energy offset is absorbed there, not by the message-passing weights.
     refit_atom_ref: bool = True

@@ -26,7 +26,7 @@ from cscflow.forcefields import CHGNET_VERSIONS, resolve_device
 from cscflow.schemas import Frame
 from cscflow.trainers.base import TrainedModel, Trainer, TrainError, start_point
 
-__all__ = ["CHGNetTrainer", "refit_atom_ref"]
+__all__ = ["CHGNetTrainer", "freeze_lower_layers", "refit_atom_ref"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,17 @@ def refit_atom_ref(model, structures, energies_per_atom, scratch: bool) -> None:
     logger.info("CHGNet AtomRef shifted by %s eV/atom", dict(zip(zs, np.round(shift, 4).tolist(), strict=True)))
 
 
+def freeze_lower_layers(model) -> int:
+    """Freeze all but the last atom convolution and the readout (CHGNet's fine-tuning
+    example); returns the number of parameters left trainable."""
+    for layer in [model.atom_embedding, model.bond_embedding, model.angle_embedding,
+                  model.bond_basis_expansion, model.angle_basis_expansion,
+                  model.atom_conv_layers[:-1], model.bond_conv_layers, model.angle_layers]:
+        for param in layer.parameters():
+            param.requires_grad = False
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 class CHGNetTrainer(Trainer):
     name = "chgnet"
 
@@ -89,6 +100,8 @@ class CHGNetTrainer(Trainer):
         has_stress = all(f.stress is not None for f in frames)
         if cs.refit_atom_ref:
             refit_atom_ref(model, structures, e_atom, scratch=start.kind == "scratch")
+        if cs.trainable == "last_layers":
+            logger.info("CHGNet: %d parameters trainable", freeze_lower_layers(model))
 
         with contextlib.redirect_stdout(io.StringIO()) as log:
             data = StructureData(
@@ -109,7 +122,7 @@ class CHGNetTrainer(Trainer):
             model=model, targets="efs" if has_stress else "ef",
             energy_loss_ratio=cs.energy_loss_ratio, force_loss_ratio=cs.force_loss_ratio,
             stress_loss_ratio=cs.stress_loss_ratio, optimizer="Adam", scheduler=cs.scheduler,
-            criterion="MSE", epochs=cs.epochs, learning_rate=cs.learning_rate,
+            criterion=cs.criterion, epochs=cs.epochs, learning_rate=cs.learning_rate,
             print_freq=10**6, torch_seed=seed, data_seed=seed,
             use_device=resolve_device(settings.device),
         )

@@ -16,20 +16,10 @@ import pytest
 from cscflow.runlock import holder
 from cscflow.runner import format_status, load_run
 from cscflow.stores import build_job_store
+from test_dispatch import TINY  # the dispatch tests' two-iteration spec, same numbers
 
 BIN = Path(sys.executable).parent
 
-TINY = """
-name: tiny
-chemical_system: {elements: [Li, S], min_atoms: 2, max_atoms: 4}
-seed: 3
-generator: {backend: pyxtal, num_per_condition: 2, conditions: [0.06]}
-relax: {fmax: 0.3, steps: 20}
-selection: {only_sun: false, bins: [{high: 0.0, quota: 1}, {low: 0.0, high: 10.0, quota: 1}]}
-labeller: {backend: teacher, copies_per_structure: 1}
-training: {backend: deepmd, numb_steps: 4, decay_steps: 2, n_train: 50, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}
-convergence: {max_iterations: 2, dh_dn_threshold: 0.0, min_iterations: 1}
-"""
 
 KILL_AT = ["select it1", "generate it2", "train it2"]  # after the first entropy stage, too
 

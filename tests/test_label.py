@@ -116,7 +116,7 @@ def test_registry_and_missing_backends():
 
 def test_empty_selection_needs_no_model():
     out = label_candidates([], 1, 0, LabelSettings())
-    assert out.frames == [] and out.failures == [] and "stand-in for DFT" in out.labeller
+    assert list(out.frames) == [] and out.failures == [] and "stand-in for DFT" in out.labeller
 
 
 def test_label_maker_run_locally(lips_structures):

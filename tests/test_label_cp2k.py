@@ -111,7 +111,7 @@ def test_unconverged_scf_is_a_recorded_failure(lips_structures):
     relaxed = StepResult(candidate_id="li2s", step="relax0", label_seed=1,
                          final_structure=cand.structure, final_energy_per_atom=0.0, converged=True)
     res = run_static(cand, 0, 123, [relaxed], settings)
-    assert res.frames == []
+    assert list(res.frames) == []
     assert len(res.failures) == 1
     assert res.failures[0]["frame_id"] == "li2s-static0"
     assert "SCF did not converge" in res.failures[0]["error"]

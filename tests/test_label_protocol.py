@@ -113,7 +113,7 @@ def test_resume_reuses_finished_calculations(lips_structures, tmp_path):
     assert again.failures == []
     assert [f.energy for f in again.frames] == [f.energy for f in first.frames]
     fresh = _run(protocol_flow([cand], 0, 1, broken, key_prefix="run/0/other"), _store())
-    assert fresh.frames == [] and len(fresh.failures) == 2  # it would have failed if recomputed
+    assert list(fresh.frames) == [] and len(fresh.failures) == 2  # it would have failed if recomputed
 
 
 @pytest.mark.slow

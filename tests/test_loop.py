@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from cscflow.runner import explore, format_status, load_run, rebuild_state, status_rows
 from cscflow.stores import build_job_store
+from cscflow.structure_store import CANDIDATES, FRAMES, collection_for, load_candidates, load_frames
 
 TINY = """
 name: tiny
@@ -33,6 +35,15 @@ def tiny_spec(tmp_path: Path, max_iterations=2, threshold=0.0, min_iterations=1)
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(max_iterations=max_iterations, threshold=threshold, min_iterations=min_iterations))
     return path
+
+
+def _collection_docs(store, name, **criteria):
+    collection = collection_for(store, name)
+    collection.connect()
+    try:
+        return list(collection.query(criteria))
+    finally:
+        collection.close()
 
 
 def _store_docs(run_dir):
@@ -66,23 +77,25 @@ def test_loop_stops_at_max_iterations_and_keeps_provenance(finished_run):
     # Provenance: every training frame traces back to a generated candidate of its iteration.
     run_id, spec, store = _store_docs(run_dir)
     state = rebuild_state(store, run_id, spec)
-    generated = {}
-    for doc in store.query({"metadata.run_id": run_id, "metadata.stage": "generate"}, load=True):
-        for cand in doc["output"]["candidates"]:
-            generated[cand["provenance"]["candidate_id"]] = cand["provenance"]
-    frames = []
-    for uuid in state.labelled_uuids[1:]:
-        frames += store.get_output(uuid, load=True)["frames"]
+    # one document per candidate, found by run and stage in the run's candidates collection
+    generated = {d["id"]: d["provenance"] for d in _collection_docs(store, CANDIDATES, run_id=run_id, stage="generate")}
+    assert len(generated) == 2 * 2 * 2  # 2 per condition, 2 conditions, 2 iterations
+    frames = load_frames([store.get_output(uuid, load=True)["frames"] for uuid in state.labelled_uuids[1:]], store)
     assert frames, "the loop labelled nothing"
+    stored_frames = {d["id"] for d in _collection_docs(store, FRAMES, run_id=run_id, stage="label")}
+    assert {f.frame_id for f in frames} <= stored_frames
     for frame in frames:
-        prov = frame["provenance"]
-        assert prov["candidate_id"] in generated
-        assert generated[prov["candidate_id"]]["condition"] == prov["condition"]
-        assert prov["iteration"] in (1, 2)
+        prov = frame.provenance
+        assert prov.candidate_id in generated
+        assert generated[prov.candidate_id]["condition"] == prov.condition
+        assert prov.iteration in (1, 2)
+    # stage outputs carry keys, not structures
+    for doc in store.query({"metadata.run_id": run_id, "metadata.stage": {"$in": ["generate", "relax", "score"]}}):
+        assert "structure" not in json.dumps(doc["output"], default=str)
     train = [d for d in store.query({"metadata.run_id": run_id, "metadata.stage": "train"}, load=True)]
     assert len(train) == 2
     assert all(Path(d["output"]["model_path"]).is_file() for d in train)
-    frame_ids = {f["frame_id"] for f in frames}
+    frame_ids = {f.frame_id for f in frames}
     assert set(train[-1]["output"]["train_frame_ids"]) - frame_ids, "iteration-0 frames are trained on too"
 
     # Closed loop (paper 4.1): iteration 2 relaxes and scores with the model trained in
@@ -94,15 +107,20 @@ def test_loop_stops_at_max_iterations_and_keeps_provenance(finished_run):
     assert tag_1.startswith("deepmd:")
 
     def stage(name, k):
-        return store.query_one(
-            {"metadata.run_id": run_id, "metadata.stage": name, "metadata.iteration": k}, load=True
-        )["output"]
+        from jobflow.core.reference import find_and_resolve_references
 
-    relaxed = [c for c in stage("relax", 2)["candidates"] if c["status"] == "relaxed"]
+        doc = store.query_one(
+            {"metadata.run_id": run_id, "metadata.stage": name, "metadata.iteration": k},
+            load=True, sort={"index": -1},  # a stage that fanned out: its last index refers to the output
+        )
+        out = find_and_resolve_references(doc["output"], store)
+        return out.model_dump() if hasattr(out, "model_dump") else out
+
+    relaxed = [c for c in load_candidates(stage("relax", 2)["candidates"], store) if c.status == "relaxed"]
     scored = stage("score", 2)
-    assert relaxed and {c["model"] for c in relaxed} == {tag_1}
+    assert relaxed and {c.model for c in relaxed} == {tag_1}
     assert scored["model"] == tag_1
-    assert {c["model"] for c in scored["candidates"] if c["status"] == "relaxed"} == {tag_1}
+    assert {c.model for c in load_candidates(scored["candidates"], store) if c.status == "relaxed"} == {tag_1}
     assert scored["recomputed"]["references"] > 0
     assert stage("score", 1)["model"] == model_tag(spec.forcefield)  # the starting force field
     store.close()
@@ -120,9 +138,9 @@ def test_find_reports_the_closest_candidate(finished_run, tmp_path):
     run_dir, _ = finished_run
     run_id, spec, store = _store_docs(run_dir)
     doc = store.query_one({"metadata.run_id": run_id, "metadata.stage": "score", "metadata.iteration": 2}, load=True)
+    cand = next(c for c in load_candidates(doc["output"]["candidates"], store) if c.status == "relaxed")
     store.close()
-    cand = next(c for c in doc["output"]["candidates"] if c["status"] == "relaxed")
-    target = Structure.from_dict(cand["structure"])
+    target = cand.structure.copy()
     target.apply_strain(0.01)
     target.make_supercell([2, 1, 1])  # another cell of the same crystal
     target.to(filename=str(tmp_path / "known.cif"))
@@ -130,8 +148,8 @@ def test_find_reports_the_closest_candidate(finished_run, tmp_path):
 
     found, missing = find_in_run(run_dir, [tmp_path / "known.cif", tmp_path / "nacl.cif"])
     assert found.iteration in (1, 2) and found.candidate_id is not None and found.rms is not None
-    if found.candidate_id == cand["provenance"]["candidate_id"]:
-        assert found.e_hull == pytest.approx(cand["e_hull"]) and found.condition == cand["provenance"]["condition"]
+    if found.candidate_id == cand.id:
+        assert found.e_hull == pytest.approx(cand.e_hull) and found.condition == cand.provenance.condition
     assert missing.candidate_id is None and missing.n_same_formula == 0
     result = CliRunner().invoke(main, ["find", str(run_dir), str(tmp_path / "known.cif"), str(tmp_path / "nacl.cif")])
     assert result.exit_code == 0, result.output

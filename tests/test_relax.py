@@ -153,33 +153,44 @@ def test_optimizer_and_filter_choices(chgnet, rattled_li2s, optimizer, cell_filt
 
 
 def test_relax_maker_run_locally(lips_structures, tmp_path, monkeypatch):
-    from jobflow import JobStore, run_locally
-    from maggma.stores import MemoryStore
+    from jobflow import run_locally
+
+    from cscflow.config import StoreSettings
+    from cscflow.stores import build_job_store
+    from cscflow.structure_store import CANDIDATES, collection_for, load_candidates
 
     monkeypatch.chdir(tmp_path)
     cands = [_candidate(lips_structures["mp-1153"], "m-0"), _candidate(_overlapping(), "m-1")]
     maker = RelaxMaker(settings=RelaxSettings(steps=50), progress=False)
     job = maker.make(cands)
+    job.config.expose_store = True  # as the loop's stages: candidates go to the run's collection
+    job.metadata.update({"run_id": "r1", "stage": "relax"})
     assert job.name == "relax"
-    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
+    store = build_job_store(StoreSettings(), tmp_path)
     responses = run_locally(job, store=store, ensure_success=True)
     output = responses[job.uuid][1].output
     assert isinstance(output, RelaxOutput)
     assert (output.n_relaxed, output.n_rejected) == (1, 1)
     assert output.rejection_reasons == {"overlap": 1}
     assert output.model == MODEL and output.seconds > 0
-    assert [c.id for c in output.candidates] == ["m-0", "m-1"]
-    relaxed = output.candidates[0]
+    # the output holds keys, not structures; one document per candidate in the collection
+    assert output.candidates.items is None and output.candidates.ids == ["m-0", "m-1"]
+    assert output.candidates.keys == [f"{job.uuid}/m-0", f"{job.uuid}/m-1"]
+    collection = collection_for(store, CANDIDATES)
+    collection.connect()
+    docs = {d["id"]: d for d in collection.query({"run_id": "r1"})}
+    collection.close()
+    assert sorted(docs) == ["m-0", "m-1"]
+    assert docs["m-0"]["status"] == "relaxed" and docs["m-1"]["status"] == "rejected"
+    assert docs["m-0"]["stage"] == "relax" and docs["m-0"]["formula"] == "Li2S"
+    # what a downstream job reads back
+    with store as s:
+        stored = s.get_output(job.uuid, load=True)
+    back = load_candidates(stored["candidates"], store)
+    relaxed = back[0]
     assert isinstance(relaxed, Candidate) and isinstance(relaxed.structure, Structure)
     assert relaxed.status == "relaxed" and -5.0 < relaxed.energy_per_atom < -3.5
     assert relaxed.provenance == cands[0].provenance
-    # what a downstream job reads back: candidates live in the data store and decode
-    with store as s:
-        doc = s.docs_store.query_one({"uuid": job.uuid})
-        assert "blob_uuid" in str(doc["output"]["candidates"])
-        stored = s.get_output(job.uuid, load=True)
-    back = [Candidate.model_validate(c) if isinstance(c, dict) else c for c in stored["candidates"]]
-    assert back[0].energy == pytest.approx(relaxed.energy)
     assert back[1].reject_reason == "overlap"
 
 
@@ -189,6 +200,13 @@ def test_shard_candidates():
     assert shard_candidates(items, 7) == [items] and shard_candidates([], 4) == []
     with pytest.raises(ValueError, match="shard_size"):
         shard_candidates(items, 0)
+    # a stored set is cut into sets of keys: nothing is read from the store
+    from cscflow.structure_store import CandidateSet
+
+    stored = CandidateSet(keys=[f"u/{i}" for i in range(5)], ids=[str(i) for i in range(5)])
+    shards = shard_candidates(stored, 2)
+    assert [s.ids for s in shards] == [["0", "1"], ["2", "3"], ["4"]]
+    assert all(isinstance(s, CandidateSet) and s.items is None for s in shards)
 
 
 def test_relaxing_in_shards_gives_the_same_candidates(lips_structures, rattled_li2s, tmp_path,

@@ -17,7 +17,7 @@ import logging
 
 from cscflow.threads import pinned
 
-__all__ = ["resumable", "stage_key", "find_checkpoint"]
+__all__ = ["resumable", "stage_key", "stage_metadata", "find_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,18 @@ KEY = "cscflow_key"
 
 def stage_key(run_id: str, iteration: int, stage: str) -> str:
     return f"{run_id}/{iteration}/{stage}"
+
+
+def stage_metadata() -> dict:
+    """The running stage job's metadata (run, iteration, stage) without its checkpoint key:
+    for the jobs a stage fans out into, so their documents and outputs are found by run and
+    stage while each keeps its own checkpoint."""
+    from jobflow import CURRENT_JOB
+
+    current = CURRENT_JOB.job
+    meta = dict((current.metadata or {}) if current is not None else {})
+    meta.pop(KEY, None)
+    return meta
 
 
 def find_checkpoint(store, key: str):

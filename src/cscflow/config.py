@@ -112,6 +112,9 @@ class GeneratorSettings(_Settings):
 
     backend: Literal["pyxtal", "mattergen", "chggen"] = "pyxtal"
     num_per_condition: int = Field(16, ge=1)
+    # Fan-out: at most this many structures per Generate job (one GPU worker each); None: one
+    # job per condition. Batches of a condition draw from default_rng([seed, iteration, idx, start]).
+    per_job: int | None = Field(None, ge=1)
     # Target E_hull conditions (eV/atom), as in the paper: 0.00, 0.03, 0.06.
     conditions: list[float] = Field(default_factory=lambda: [0.0, 0.03, 0.06])
     # pyxtal: space groups are drawn from this range; volume prior scales atomic volumes.

@@ -29,6 +29,7 @@ from cscflow.config import ConvergenceSettings, SelectionSettings, TrainingSetti
 from cscflow.datasets import flatten_frames, split_frames
 from cscflow.entropy import DescriptorCache, dh_dn, entropy, entropy_along, stack_descriptors, structure_descriptors
 from cscflow.schemas import Candidate, field_of, Frame, IterationDocument
+from cscflow.structure_store import load_candidates
 
 __all__ = ["EvaluateMaker", "condition_key", "evaluate_iteration", "reason_key", "should_stop"]
 
@@ -107,6 +108,7 @@ def evaluate_iteration(
     training = training or TrainingSettings()
     convergence = convergence or ConvergenceSettings()
     all_frames = flatten_frames(frames)
+    scored, selected = load_candidates(scored), load_candidates(selected)
     relaxed = [c for c in scored if c.status == "relaxed"]
     rejected = [c for c in scored if c.status == "rejected"]
     n_gen = len(scored)

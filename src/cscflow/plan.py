@@ -331,18 +331,28 @@ def plan_iteration(
         plan.documents[f"Firework '{fw.name}'"] = _bson_size(fw.to_db_dict())
     plan.documents["iteration workflow document"] = _bson_size(wf.to_db_dict())
 
-    # stage outputs at this size (as today's stage code emits them)
+    # stage outputs at this size: sets of store keys; one document per candidate / frame
+    # in the run's collections (cscflow.structure_store)
+    from cscflow.structure_store import CandidateSet, FrameSet
+
     n = spec.generator.num_per_condition * len(spec.generator.conditions)
     plan.n_candidates = n
     plan.n_selected = n_sel = _n_selected(spec, n)
-    sample = _stand_in_candidates(spec, min(n, 64), iteration)
-    per_candidate = _bson_size({"candidates": sample}) / len(sample)
-    for stage in ("generate", "relax", "score"):
-        plan.documents[f"{stage} output ({n} candidates, estimated)"] = int(per_candidate * n)
-    plan.documents[f"select output ({n_sel} selected, estimated)"] = int(per_candidate * n_sel)
     n_frames = int(n_sel * _frames_per_structure(spec))
-    per_frame = _bson_size({"frames": [_stand_in_frame(c) for c in sample]}) / len(sample)
-    plan.documents[f"label output ({n_frames} frames, estimated)"] = int(per_frame * n_frames)
+    sample = _stand_in_candidates(spec, min(n, 64), iteration)
+    job_uuid = str(uuidlib.uuid4())
+
+    def key_set(set_type, ids):
+        return set_type(keys=[f"{job_uuid}/{i}" for i in ids], ids=list(ids))
+
+    cand_ids = [f"it{iteration}-mattergen-e0.00-{i:05d}" for i in range(n)]
+    for stage in ("generate", "relax", "score"):
+        plan.documents[f"{stage} output ({n} candidate keys)"] = _bson_size({"candidates": key_set(CandidateSet, cand_ids)})
+    plan.documents[f"select output ({n_sel} candidate keys)"] = _bson_size({"selected": key_set(CandidateSet, cand_ids[:n_sel])})
+    frame_ids = [f"{c}-relax0-s{k:03d}" for c in cand_ids[:max(n_sel, 1)] for k in range(16)][:n_frames]
+    plan.documents[f"label output ({n_frames} frame keys)"] = _bson_size({"frames": key_set(FrameSet, frame_ids)})
+    plan.documents["one candidate document (largest stand-in)"] = max(_bson_size(c) for c in sample)
+    plan.documents["one frame document (largest stand-in)"] = max(_bson_size(_stand_in_frame(c)) for c in sample)
 
     # the DFT fan-out the Label stage returns at run time
     label_cat = str(spec.dispatch.category("label"))

@@ -24,6 +24,7 @@ from pymatgen.core import Structure
 from cscflow.checkpoint import resumable
 from cscflow.config import ExplorationSpec, SpecError
 from cscflow.schemas import Candidate, Provenance, ReferenceEntry
+from cscflow.structure_store import load_candidates
 
 __all__ = ["ReferenceMaker", "ReferencesOutput", "builtin_references", "initial_candidates", "mp_snapshot"]
 
@@ -133,7 +134,11 @@ class ReferenceMaker(Maker):
 
     @job(data=["references", "candidates"])
     @resumable
-    def make(self, candidates: list[Candidate]) -> ReferencesOutput:
+    def make(self, candidates) -> ReferencesOutput:
+        """References keep their S.U.N. matching keys: every later Score reads them, none recomputes."""
+        from cscflow.score import match_key
+
+        candidates = load_candidates(candidates)
         good = [c for c in candidates if c.status == "relaxed" and c.energy_per_atom is not None]
         refs = [
             ReferenceEntry(
@@ -142,6 +147,7 @@ class ReferenceMaker(Maker):
                 energy_per_atom=c.energy_per_atom,
                 model=c.model or "unknown",
                 source=c.provenance.generator if c.provenance.parent is None else c.provenance.parent,
+                match_key=match_key(c.structure),
             )
             for c in good
         ]

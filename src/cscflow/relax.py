@@ -42,6 +42,7 @@ from pymatgen.core import Structure
 from cscflow.checkpoint import resumable
 from cscflow.config import ForceFieldSettings, RelaxSettings
 from cscflow.schemas import Candidate
+from cscflow.structure_store import CandidateSet, load_candidates, merge_sets, save_candidates, shards
 
 __all__ = [
     "RelaxCollectMaker",
@@ -63,9 +64,9 @@ logger = logging.getLogger(__name__)
 
 
 class RelaxOutput(BaseModel):
-    """Relaxed and rejected candidates (same order as the input) and counts."""
+    """Relaxed and rejected candidates (same order as the input, one stored document each) and counts."""
 
-    candidates: list[Candidate] = Field(default_factory=list)
+    candidates: CandidateSet = Field(default_factory=CandidateSet)
     n_relaxed: int = 0
     n_rejected: int = 0
     n_converged: int = 0
@@ -361,15 +362,15 @@ class RelaxMaker(Maker):
     settings: RelaxSettings = field(default_factory=RelaxSettings)
     progress: bool = True
 
-    @job(data=["candidates"])
+    @job
     @resumable
-    def make(self, candidates: list[Candidate], model_path: str | None = None) -> RelaxOutput:
+    def make(self, candidates: CandidateSet | list[Candidate], model_path: str | None = None) -> RelaxOutput:
         from cscflow.forcefields import get_calculator, model_tag
 
         t0 = time.perf_counter()
         calculator = get_calculator(self.forcefield, model_path)
         model = model_tag(self.forcefield, model_path)
-        relaxed = relax_candidates(list(candidates), calculator, self.settings, model, self.progress)
+        relaxed = relax_candidates(load_candidates(candidates), calculator, self.settings, model, self.progress)
         return relax_output(relaxed, model, time.perf_counter() - t0)
 
 
@@ -377,7 +378,7 @@ def relax_output(relaxed: list[Candidate], model: str, seconds: float) -> RelaxO
     """The stage document of relaxed candidates: the list and its counts."""
     reasons = Counter(c.reject_reason for c in relaxed if c.status == "rejected")
     return RelaxOutput(
-        candidates=relaxed,
+        candidates=save_candidates(relaxed, "relax"),
         n_relaxed=sum(c.status == "relaxed" for c in relaxed),
         n_rejected=sum(c.status == "rejected" for c in relaxed),
         n_converged=sum(bool(c.converged) for c in relaxed if c.status == "relaxed"),
@@ -387,12 +388,14 @@ def relax_output(relaxed: list[Candidate], model: str, seconds: float) -> RelaxO
     )
 
 
-def shard_candidates(candidates: list, shard_size: int) -> list[list]:
-    """Consecutive shards of at most ``shard_size`` candidates (order kept, none empty)."""
+def shard_candidates(candidates, shard_size: int) -> list:
+    """Consecutive shards of at most ``shard_size`` candidates (order kept, none empty).
+
+    A stored CandidateSet is cut into smaller sets of keys: a shard job reads only its own
+    candidates from the store, nothing travels through the fan-out job."""
     if shard_size < 1:
         raise ValueError(f"relax.shard_size must be at least 1, got {shard_size}")
-    items = list(candidates)
-    return [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    return shards(candidates, shard_size)
 
 
 @dataclass
@@ -401,14 +404,24 @@ class RelaxCollectMaker(Maker):
 
     name: str = "relax collect"
 
-    @job(data=["candidates"])
+    @job
     def make(self, outputs: list[RelaxOutput]) -> RelaxOutput:
         docs = [o if isinstance(o, RelaxOutput) else RelaxOutput.model_validate(o) for o in outputs]
-        relaxed = [_as_candidate(c) for d in docs for c in d.candidates]
         models = {d.model for d in docs if d.model}
         if len(models) > 1:
             raise ValueError(f"relax shards used different force fields: {sorted(models)}")
-        return relax_output(relaxed, models.pop() if models else "", sum(d.seconds for d in docs))
+        reasons: Counter[str] = Counter()
+        for d in docs:
+            reasons.update(d.rejection_reasons)
+        return RelaxOutput(  # the shards' stored documents, joined by key: nothing is reloaded
+            candidates=merge_sets([d.candidates for d in docs], CandidateSet),
+            n_relaxed=sum(d.n_relaxed for d in docs),
+            n_rejected=sum(d.n_rejected for d in docs),
+            n_converged=sum(d.n_converged for d in docs),
+            rejection_reasons=dict(reasons),
+            model=models.pop() if models else "",
+            seconds=sum(d.seconds for d in docs),
+        )
 
 
 @dataclass
@@ -433,14 +446,26 @@ class RelaxShardMaker(Maker):
 
     @job
     @resumable  # on resume, a finished stage's collected output instead of a new fan-out
-    def make(self, candidates: list[Candidate], model_path: str | None = None):
+    def make(self, candidates: CandidateSet | list[Candidate], model_path: str | None = None):
         from jobflow import Flow, Response
 
+        from jobflow import CURRENT_JOB
+
+        from cscflow.checkpoint import KEY, stage_metadata
+
+        stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
+        meta = stage_metadata()
         shards = shard_candidates(candidates, self.relax_maker.settings.shard_size)
         jobs = []
         for i, shard in enumerate(shards):
             shard_job = self.relax_maker.make(shard, model_path=model_path)
             shard_job.name = f"{self.relax_maker.name} {i + 1}/{len(shards)}"
+            # its own checkpoint: a resumed fan-out recomputes only the shards that did not finish
+            shard_job.metadata.update({**meta, "stage": "relax_shard", "shard": i, "n_shards": len(shards),
+                                       **({KEY: f"{stage_key}/shard{i}"} if stage_key else {})})
+            shard_job.config.expose_store = True  # reads its candidates, writes its documents
             jobs.append(shard_job)
         collect = self.collect_maker.make([j.output for j in jobs])
+        collect.metadata.update({**meta, "stage": "relax_collect"})
+        collect.config.expose_store = True
         return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))

@@ -55,6 +55,7 @@ from cscflow.checkpoint import resumable
 from cscflow.config import ForceFieldSettings, ScoreSettings
 from cscflow.energies import EnergyCache, energies_with_model, energy_cache_for
 from cscflow.schemas import Candidate, MatchKey, ReferenceEntry
+from cscflow.structure_store import CandidateSet, load_candidates, save_candidates
 
 __all__ = [
     "MissingReferenceError",
@@ -84,7 +85,7 @@ class ScoreOutput(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    candidates: list[Candidate] = Field(default_factory=list)
+    candidates: CandidateSet = Field(default_factory=CandidateSet, description="one stored document each")
     n_relaxed: int = 0
     n_rejected: int = 0
     n_stable: int = 0
@@ -103,16 +104,6 @@ class ScoreOutput(BaseModel):
     n_matcher_fits: int = Field(0, description="StructureMatcher calls the S.U.N. flags needed")
     n_match_keys: int = Field(0, description="matching keys computed (the rest were stored)")
     seconds: float = 0.0
-
-
-def _flatten(previous) -> list[Candidate]:
-    out: list[Candidate] = []
-    for item in previous or ():
-        if isinstance(item, Candidate):
-            out.append(item)
-        else:
-            out.extend(item)
-    return out
 
 
 def _scorable(c: Candidate) -> bool:
@@ -322,8 +313,8 @@ def score_candidates(
     settings = settings or ScoreSettings()
     if not references:
         raise MissingReferenceError("no reference entries: the hull needs iteration-0 references")
-    prev = [c for c in _flatten(previous) if _scorable(c)]
-    cands = [c.model_copy(deep=True) for c in candidates]
+    prev = [c for c in load_candidates(previous) if _scorable(c)]
+    cands = [c.model_copy(deep=True) for c in load_candidates(candidates)]
     current = [i for i, c in enumerate(cands) if _scorable(c)]
     for c in cands:
         if c.status == "relaxed" and c.energy_per_atom is None:
@@ -401,7 +392,7 @@ def score_candidates(
 
     scored = [cands[i] for i in current]
     return ScoreOutput(
-        candidates=cands,
+        candidates=save_candidates(cands, "score"),
         n_relaxed=len(scored),
         n_rejected=sum(c.status == "rejected" for c in cands),
         n_stable=sum(bool(c.is_stable) for c in scored),
@@ -438,13 +429,13 @@ class ScoreMaker(Maker):
     settings: ScoreSettings = field(default_factory=ScoreSettings)
     forcefield: ForceFieldSettings = field(default_factory=ForceFieldSettings)
 
-    @job(data=["candidates"])
+    @job
     @resumable
     def make(
         self,
-        candidates: list[Candidate],
+        candidates: CandidateSet | list[Candidate],
         references: list[ReferenceEntry],
-        previous: list[list[Candidate]] = (),
+        previous: list[CandidateSet] | list[list[Candidate]] = (),
         model_path: str | None = None,
     ) -> ScoreOutput:
         from jobflow import CURRENT_JOB

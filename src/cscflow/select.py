@@ -29,6 +29,7 @@ from cscflow.config import EhullBin, SelectionSettings
 from cscflow.datasets import flatten_frames
 from cscflow.entropy import DescriptorCache, greedy_entropy_ranking, stack_descriptors, structure_descriptors
 from cscflow.schemas import Candidate, Frame
+from cscflow.structure_store import CandidateSet, load_candidates, save_candidates
 
 __all__ = ["SelectMaker", "SelectOutput", "bin_label", "bin_quota", "select_candidates"]
 
@@ -40,7 +41,7 @@ class SelectOutput(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    selected: list[Candidate] = Field(default_factory=list)
+    selected: CandidateSet = Field(default_factory=CandidateSet, description="one stored document each")
     per_bin: dict[str, int] = Field(default_factory=dict, description="bin label -> selected")
     available: dict[str, int] = Field(default_factory=dict, description="bin label -> eligible")
     quotas: dict[str, int] = Field(default_factory=dict, description="bin label -> scaled quota")
@@ -81,7 +82,7 @@ def select_candidates(
     """Bin and pick; returns copies with `selected` set (and `delta_entropy` when ranked)."""
     t0 = time.perf_counter()
     settings = settings or SelectionSettings()
-    cands = [c.model_copy(deep=True) for c in candidates]
+    cands = [c.model_copy(deep=True) for c in load_candidates(candidates)]
     for c in cands:
         c.selected = False
     in_bin: dict[int, list[int]] = {i: [] for i in range(len(settings.bins))}
@@ -103,6 +104,7 @@ def select_candidates(
             [f.structure for f in frames], k, cutoff, keys=[f"frame:{f.frame_id}" for f in frames], cache=cache
         )
     out = SelectOutput(ranking=settings.within_bin, n_training_environments=sum(len(x) for x in reference))
+    selected: list[Candidate] = []
     for i, b in enumerate(settings.bins):
         label, quota = bin_label(b), bin_quota(b, settings.quota_scale)
         # input order must not matter: members sorted by id before any draw
@@ -128,8 +130,9 @@ def select_candidates(
         for j in picked:
             cands[j].selected = True
         out.per_bin[label] = len(picked)
-        out.selected.extend(cands[j] for j in picked)
+        selected.extend(cands[j] for j in picked)
         logger.info("select %s: %d of %d (quota %d, %s)", label, len(picked), len(members), quota, settings.within_bin)
+    out.selected = save_candidates(selected, "select")
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -141,11 +144,11 @@ class SelectMaker(Maker):
     name: str = "select"
     settings: SelectionSettings = field(default_factory=SelectionSettings)
 
-    @job(data=["selected"])
+    @job
     @resumable
     def make(
         self,
-        candidates: list[Candidate],
+        candidates: CandidateSet | list[Candidate],
         training_frames: list[Frame] | list[list[Frame]] = (),
         seed: int = 0,
     ) -> SelectOutput:

@@ -182,8 +182,29 @@ class RunDirStore(MontyStore):
         return copy
 
     def update(self, docs, key=None):
+        """maggma's MontyStore.update does one replace_one (a scan of the sqlite file) per
+        document: quadratic, 12 s for 500 documents here. One delete_many + insert_many of the
+        batch keeps the upsert semantics in one scan (per-structure collections write 10^4)."""
+        if isinstance(docs, list) and len(docs) > 1 and isinstance(key or self.key, str):
+            return self._bulk_replace(docs, key or self.key)
         try:
             return super().update(docs, key)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise self._fail(exc) from None
+
+    def _bulk_replace(self, docs: list, key: str):
+        from monty.json import jsanitize
+
+        latest = {}
+        for d in docs:
+            d = jsanitize(d, allow_bson=True)
+            latest[d[key]] = d  # the last document of a key wins, as with replace_one
+        try:
+            if self._file.exists():  # montydb creates the collection's table on the first insert
+                self._collection.delete_many({key: {"$in": list(latest)}})
+            else:
+                self._file.parent.mkdir(parents=True, exist_ok=True)
+            self._collection.insert_many(list(latest.values()))
         except (sqlite3.DatabaseError, OSError) as exc:
             raise self._fail(exc) from None
 

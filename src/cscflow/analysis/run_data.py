@@ -1,7 +1,9 @@
 """The documents of one run, read back from its store for reports and downstream screens.
 
 Newest document per (iteration, stage), as `cscflow resume` does, so a run that is still
-going can be read; stage outputs that cannot be decoded stay plain dicts.
+going can be read; stage outputs that cannot be decoded stay plain dicts. Candidates and
+frames are read from the run's per-structure collections (cscflow.structure_store) only
+when asked for, one iteration at a time.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 
 from cscflow.config import ExplorationSpec
 from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry
+from cscflow.structure_store import as_documents, load_candidates, load_frames
 
-__all__ = ["DOWNSTREAM_STAGES", "RunData", "as_documents", "load_run_data", "stage_field"]
+__all__ = ["DOWNSTREAM_STAGES", "RunData", "load_run_data", "stage_field"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +33,6 @@ def stage_field(obj: Any, name: str, default=None):
     return getattr(obj, name, default)
 
 
-def as_documents(model, items) -> list:
-    """Validate a list of documents (objects or their dict form) into `model`."""
-    from pymatgen.core import Structure
-
-    out = []
-    for item in items or []:
-        if isinstance(item, model):
-            out.append(item)
-            continue
-        data = dict(item)
-        data = {k: v for k, v in data.items() if not k.startswith("@")}
-        if isinstance(data.get("structure"), dict):
-            data["structure"] = Structure.from_dict(data["structure"])
-        out.append(model.model_validate(data))
-    return out
-
-
 @dataclass
 class RunData:
     """The newest output of every (iteration, stage) of one run, decoded."""
@@ -56,6 +42,7 @@ class RunData:
     spec: ExplorationSpec
     outputs: dict[tuple[int, str], Any] = field(default_factory=dict)
     completed: dict[tuple[int, str], str] = field(default_factory=dict)
+    store: Any = None  # the run's JobStore: per-structure documents are read from it
 
     @property
     def iterations(self) -> list[int]:
@@ -77,15 +64,18 @@ class RunData:
         for stage in order:
             out = self.output(k, stage)
             if out is not None and stage_field(out, "candidates") is not None:
-                return as_documents(Candidate, stage_field(out, "candidates")), stage
+                return load_candidates(stage_field(out, "candidates"), self.store), stage
         return [], None
 
     def scored(self) -> dict[int, list[Candidate]]:
-        return {k: as_documents(Candidate, stage_field(self.output(k, "score"), "candidates", []))
+        return {k: load_candidates(stage_field(self.output(k, "score"), "candidates", []), self.store)
                 for k in self.iterations if self.output(k, "score") is not None}
 
+    def selected(self, k: int) -> list[Candidate]:
+        return load_candidates(stage_field(self.output(k, "select"), "selected", []), self.store)
+
     def frames(self, k: int) -> list[Frame]:
-        return as_documents(Frame, stage_field(self.output(k, "label"), "frames", []))
+        return load_frames(stage_field(self.output(k, "label"), "frames", []), self.store)
 
     def all_frames(self) -> list[Frame]:
         return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]
@@ -121,9 +111,16 @@ def load_run_data(run_dir: str | Path) -> RunData:
     try:
         docs = list(store.query({"metadata.run_id": run_id, "output": {"$ne": None}},
                                 properties=["uuid", "metadata", "completed_at", "output"], load=True))
+        # a stage that fanned out (relax shards, DFT labelling) stored a reference to its
+        # collect job's output: read the output itself
+        from jobflow.core.reference import find_and_resolve_references
+
+        for doc in docs:
+            if "OutputReference" in str(doc.get("output"))[:200]:
+                doc["output"] = find_and_resolve_references(doc["output"], store)
     finally:
         store.close()
-    data = RunData(run_dir=run_dir, run_id=run_id, spec=spec)
+    data = RunData(run_dir=run_dir, run_id=run_id, spec=spec, store=store)
     raw: dict[tuple[int, str], dict] = {}
     for doc in docs:
         meta = doc.get("metadata") or {}

@@ -25,14 +25,18 @@ from pydantic import BaseModel, Field
 from cscflow.checkpoint import resumable
 from cscflow.config import ChemicalSystem, GeneratorSettings
 from cscflow.schemas import Candidate, Provenance
+from cscflow.structure_store import CandidateSet, save_candidates
 
 __all__ = [
     "GENERATORS",
     "GenerateMaker",
+    "GenerateCollectMaker",
+    "GenerateFanOutMaker",
     "GenerateOutput",
     "Generator",
     "candidate_id",
     "generate_candidates",
+    "generation_batches",
     "get_generator",
 ]
 
@@ -125,36 +129,52 @@ def get_generator(settings: GeneratorSettings) -> Generator:
     return GENERATORS[backend](settings)
 
 
+def generation_batches(settings: GeneratorSettings) -> list[tuple[int, int, int]]:
+    """(condition index, first structure of the condition, count) of every Generate job."""
+    size = settings.per_job or settings.num_per_condition
+    return [
+        (idx, start, min(size, settings.num_per_condition - start))
+        for idx in range(len(settings.conditions))
+        for start in range(0, settings.num_per_condition, size)
+    ]
+
+
 def generate_candidates(
     chemical_system: ChemicalSystem,
     settings: GeneratorSettings,
     iteration: int,
     seed: int,
     generator: Generator | None = None,
+    batches: list[tuple[int, int, int]] | None = None,
 ) -> tuple[list[Candidate], Counter]:
-    """``num_per_condition`` candidates per condition; rng = default_rng([seed, iteration, idx])."""
+    """``num_per_condition`` candidates per condition (or the given `batches`).
+
+    rng = default_rng([seed, iteration, idx]) for a whole condition, default_rng([seed,
+    iteration, idx, start]) for a batch of it; candidate numbering is global, so a fan-out
+    over batches gives unique ids."""
     gen = generator if generator is not None else get_generator(settings)
     out: list[Candidate] = []
-    start = 0
-    for idx, e_hull in enumerate(settings.conditions):
-        rng = np.random.default_rng([seed, iteration, idx])
+    n = settings.num_per_condition
+    whole = [(idx, 0, n) for idx in range(len(settings.conditions))]
+    for idx, start, count in (whole if batches is None else batches):
+        key = [seed, iteration, idx] if (start, count) == (0, n) else [seed, iteration, idx, start]
         batch = gen.generate(
             chemical_system,
-            settings.num_per_condition,
-            {"e_hull": float(e_hull)},
-            rng,
+            count,
+            {"e_hull": float(settings.conditions[idx])},
+            np.random.default_rng(key),
             iteration=iteration,
-            start_index=start,
+            start_index=idx * n + start,
         )
         out.extend(batch)
-        start += settings.num_per_condition
     return out, Counter(gen.failures)
 
 
 class GenerateOutput(BaseModel):
     """Generated candidates and what failed on the way."""
 
-    candidates: list[Candidate] = Field(default_factory=list)
+    candidates: CandidateSet = Field(default_factory=CandidateSet, description="one stored document each")
+    n_generated: int = 0
     n_requested: int = 0
     n_failed: int = Field(0, description="requested structures not produced after all retries")
     failures: dict[str, int] = Field(default_factory=dict, description="reason -> failed attempts")
@@ -172,10 +192,14 @@ class GenerateMaker(Maker):
     )
     settings: GeneratorSettings = field(default_factory=GeneratorSettings)
 
-    @job(data=["candidates"])
+    @job
     @resumable
-    def make(self, iteration: int, seed: int, checkpoint: str | None = None) -> GenerateOutput:
-        """``checkpoint`` (a fine-tuned generator model) overrides settings.checkpoint."""
+    def make(
+        self, iteration: int, seed: int, checkpoint: str | None = None, batches: list[list[int]] | None = None
+    ) -> GenerateOutput:
+        """``checkpoint`` (a fine-tuned generator model) overrides settings.checkpoint;
+        ``batches`` ([condition index, start, count] each, see generation_batches) limits the
+        job to part of the iteration (GenerateFanOutMaker)."""
         settings = self.settings
         if checkpoint is not None:
             # validated copy: the checkpoint must exist
@@ -184,20 +208,86 @@ class GenerateMaker(Maker):
             )
         t0 = time.perf_counter()
         gen = get_generator(settings)
+        parts = [tuple(b) for b in batches] if batches is not None else None
         candidates, failures = generate_candidates(
-            self.chemical_system, settings, iteration, seed, generator=gen
+            self.chemical_system, settings, iteration, seed, generator=gen, batches=parts
         )
-        n_requested = settings.num_per_condition * len(settings.conditions)
+        n_requested = sum(b[2] for b in parts) if parts else settings.num_per_condition * len(settings.conditions)
         if len(candidates) < n_requested:
             logger.warning(
                 "generated %d of %d structures; failures: %s",
                 len(candidates), n_requested, dict(failures),
             )
         return GenerateOutput(
-            candidates=candidates,
+            candidates=save_candidates(candidates, "generate"),
+            n_generated=len(candidates),
             n_requested=n_requested,
             n_failed=n_requested - len(candidates),
             failures=dict(failures),
             generator=gen.name,
             seconds=time.perf_counter() - t0,
         )
+
+
+@dataclass
+class GenerateCollectMaker(Maker):
+    """Join the Generate batches' outputs: their stored candidates by key, counts summed."""
+
+    name: str = "generate collect"
+
+    @job
+    def make(self, outputs: list[GenerateOutput]) -> GenerateOutput:
+        from collections import Counter as _Counter
+
+        from cscflow.structure_store import merge_sets
+
+        docs = [o if isinstance(o, GenerateOutput) else GenerateOutput.model_validate(o) for o in outputs]
+        failures: _Counter[str] = _Counter()
+        for d in docs:
+            failures.update(d.failures)
+        return GenerateOutput(
+            candidates=merge_sets([d.candidates for d in docs], CandidateSet),
+            n_generated=sum(d.n_generated for d in docs),
+            n_requested=sum(d.n_requested for d in docs),
+            n_failed=sum(d.n_failed for d in docs),
+            failures=dict(failures),
+            generator=next((d.generator for d in docs if d.generator), ""),
+            seconds=sum(d.seconds for d in docs),
+        )
+
+
+@dataclass
+class GenerateFanOutMaker(Maker):
+    """The Generate stage as one job per (condition, batch of ``generator.per_job``) and a
+    collect: MatterGen's 3 x 3328 structures of a paper iteration on several GPU workers.
+
+    The job replaces itself when it runs; each batch job has its own checkpoint key, so a
+    resumed fan-out regenerates only the batches that did not finish.
+    """
+
+    generate_maker: GenerateMaker = field(default_factory=GenerateMaker)
+    name: str = "generate batches"
+    collect_maker: GenerateCollectMaker = field(default_factory=GenerateCollectMaker)
+
+    @job
+    @resumable
+    def make(self, iteration: int, seed: int, checkpoint: str | None = None):
+        from jobflow import CURRENT_JOB, Flow, Response
+
+        from cscflow.checkpoint import KEY, stage_metadata
+
+        stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
+        meta = stage_metadata()
+        batches = generation_batches(self.generate_maker.settings)
+        jobs = []
+        for i, batch in enumerate(batches):
+            j = self.generate_maker.make(iteration, seed, checkpoint=checkpoint, batches=[list(batch)])
+            j.name = f"{self.generate_maker.name} it{iteration} {i + 1}/{len(batches)}"
+            j.metadata.update({**meta, "stage": "generate_batch", "batch": list(batch),
+                               **({KEY: f"{stage_key}/batch{i}"} if stage_key else {})})
+            j.config.expose_store = True
+            jobs.append(j)
+        collect = self.collect_maker.make([j.output for j in jobs])
+        collect.metadata.update({**meta, "stage": "generate_collect"})
+        collect.config.expose_store = True
+        return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))

@@ -17,14 +17,26 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from jobflow import Maker, Response, job
+from jobflow import Flow, JobConfig, Maker, OnMissing, Response, job
 from pydantic import BaseModel, Field
 
 from cscflow.checkpoint import resumable
 from cscflow.config import LabelSettings
-from cscflow.schemas import Candidate, Frame
+from cscflow.schemas import Candidate
+from cscflow.structure_store import FrameSet, load_candidates
 
-__all__ = ["LABELLERS", "LabelMaker", "LabelOutput", "get_labeller", "label_candidates", "protocol_labeller"]
+__all__ = [
+    "FAN_OUT",
+    "LABELLERS",
+    "LabelMaker",
+    "LabelOutput",
+    "collect_labels",
+    "get_labeller",
+    "label_candidates",
+    "label_fanout_flow",
+    "label_structure",
+    "protocol_labeller",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +44,7 @@ logger = logging.getLogger(__name__)
 class LabelOutput(BaseModel):
     """Labelled frames and the structures that could not be labelled."""
 
-    frames: list[Frame] = Field(default_factory=list)
+    frames: FrameSet = Field(default_factory=FrameSet, description="one stored document each")
     failures: list[dict[str, Any]] = Field(
         default_factory=list, description="{'candidate_id', 'frame_id', 'error'} per failed label"
     )
@@ -75,7 +87,7 @@ def label_candidates(
     selected: list[Candidate], iteration: int, seed: int, settings: LabelSettings
 ) -> LabelOutput | Response:
     """Plain-function entry point of LabelMaker (usable without jobflow)."""
-    return get_labeller(settings.backend)(list(selected), iteration, seed, settings)
+    return get_labeller(settings.backend)(load_candidates(selected), iteration, seed, settings)
 
 
 @dataclass
@@ -85,7 +97,78 @@ class LabelMaker(Maker):
     name: str = "label"
     settings: LabelSettings = field(default_factory=LabelSettings)
 
-    @job(data=["frames"])
+    @job
     @resumable
-    def make(self, selected: list[Candidate], iteration: int, seed: int) -> LabelOutput:
+    def make(self, selected, iteration: int, seed: int) -> LabelOutput:
+        if self.settings.backend in FAN_OUT and len(selected):
+            get_labeller(self.settings.backend)  # a missing code fails here, before the fan-out
+            return Response(replace=label_fanout_flow(selected, iteration, seed, self.settings))
         return label_candidates(selected, iteration, seed, self.settings)
+
+
+#: backends whose Label stage fans out into one job per selected structure (DFT codes)
+FAN_OUT = ("cp2k", "vasp")
+
+
+@job
+@resumable
+def label_structure(candidate, iteration: int, seed: int, settings: LabelSettings):
+    """One selected structure's protocol: CP2K runs it here; VASP replaces this job by the
+    structure's atomate2 calculations (one Firework per DFT calculation, custodian each)."""
+    return label_candidates(candidate, iteration, seed, settings)
+
+
+@job
+def collect_labels(outputs: list, candidate_ids: list[str]) -> LabelOutput:
+    """The Label stage's output: every structure's frames (store keys) and failures; a
+    structure whose job died is one failure, the others are kept."""
+    from cscflow.structure_store import merge_sets
+
+    sets, failures, labellers, seconds = [], [], [], 0.0
+    for cid, out in zip(candidate_ids, outputs):
+        if out is None:
+            failures.append({"candidate_id": cid, "frame_id": f"{cid}-*", "error": "label job did not finish"})
+            continue
+        out = out if isinstance(out, LabelOutput) else LabelOutput.model_validate(out)
+        sets.append(out.frames)
+        failures.extend(out.failures)
+        labellers.append(out.labeller)
+        seconds += out.seconds
+    frames = merge_sets(sets, FrameSet) if sets else FrameSet()
+    return LabelOutput(frames=frames, failures=failures, labeller=labellers[0] if labellers else "", seconds=seconds)
+
+
+def label_fanout_flow(selected, iteration: int, seed: int, settings: LabelSettings) -> Flow:
+    """One job per selected structure (its candidate travels as one store key) and a collector.
+
+    Granularity (issue 13, paper scale: 600 structures per iteration, 7 iterations): one
+    Firework per structure's protocol keeps the Label FWAction to store keys (~1 MB at 600,
+    instead of 20-35 MB of structures) and the workflow at ~600 Fireworks per iteration
+    instead of ~4,800 (CP2K, one per calculation), so FireWorks' workflow document, rewritten
+    on every completion, stays small over 7 iterations. VASP keeps atomate2's one job per
+    calculation below that level (custodian restarts one calculation), in a replace of its
+    own structure job, so no single action holds more than one structure's jobs.
+    """
+    from cscflow.checkpoint import KEY, stage_metadata
+    from cscflow.structure_store import shards
+
+    meta = stage_metadata()
+    from jobflow import CURRENT_JOB
+
+    stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
+    tolerant = JobConfig(on_missing_references=OnMissing.NONE, expose_store=True)
+    jobs, ids = [], []
+    for one in shards(selected, 1):
+        cid = one.ids[0] if hasattr(one, "ids") else one[0].id
+        j = label_structure(one, iteration, seed, settings)
+        j.name = f"label {cid}"
+        j.config = JobConfig(expose_store=True)
+        j.metadata = {**meta, "stage": "label_structure", "candidate_id": cid,
+                      **({KEY: f"{stage_key}/{cid}"} if stage_key else {})}
+        jobs.append(j)
+        ids.append(cid)
+    collector = collect_labels([j.output for j in jobs], ids)
+    collector.name = "collect labels"
+    collector.config = tolerant
+    collector.metadata = {**meta, "stage": "label_collect"}
+    return Flow([*jobs, collector], output=collector.output, name="label structures")

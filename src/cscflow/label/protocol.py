@@ -38,7 +38,7 @@ from jobflow import Flow, JobConfig, OnMissing, job
 from pydantic import BaseModel, ConfigDict, Field
 from pymatgen.core import Structure
 
-from cscflow.checkpoint import KEY, resumable
+from cscflow.checkpoint import KEY, resumable, stage_metadata
 from cscflow.config import LabelSettings
 from cscflow.label.engines import EngineCalculator, engine_labeller
 from cscflow.schemas import Candidate, Frame
@@ -262,7 +262,9 @@ def collect(results: list[StepResult | None], labeller: str, expected: list[tupl
         frames.extend(res.frames)
         failures.extend(res.failures)
         seconds += res.seconds
-    return LabelOutput(frames=frames, failures=failures, labeller=labeller, seconds=seconds)
+    from cscflow.structure_store import save_frames
+
+    return LabelOutput(frames=save_frames(frames, "label"), failures=failures, labeller=labeller, seconds=seconds)
 
 
 def run_protocol(selected: list[Candidate], iteration: int, seed: int, settings: LabelSettings) -> Any:
@@ -286,16 +288,16 @@ def run_protocol(selected: list[Candidate], iteration: int, seed: int, settings:
 
 
 def protocol_label(selected: list[Candidate], iteration: int, seed: int, settings: LabelSettings) -> Any:
-    """LABELLERS entry of the ASE engines: in-process for the teacher, a flow of jobs for CP2K."""
-    if settings.backend == "teacher":
-        return run_protocol(selected, iteration, seed, settings)
-    from jobflow import Response
+    """LABELLERS entry of the ASE engines: the protocol of `selected` in this process.
 
+    The Label stage calls it once per structure for CP2K (one Firework per structure's
+    protocol, :func:`cscflow.label.label_fanout_flow`) and once for all for the teacher.
+    :func:`protocol_flow` (one job per calculation) stays available for finer restarts."""
     if settings.backend == "cp2k":
         from cscflow.label.cp2k import cp2k_command
 
         cp2k_command(settings.cp2k)  # fail early, with the message, when CP2K is missing
-    return Response(replace=protocol_flow(selected, iteration, seed, settings))
+    return run_protocol(selected, iteration, seed, settings)
 
 
 # ---------------------------------------------------------------- jobs and the flow
@@ -315,7 +317,7 @@ def static_copy(cand: Candidate, static_index: int, label_seed: int, relaxations
     return run_static(cand, static_index, label_seed, relaxations, settings)
 
 
-@job(data=["frames"])
+@job
 def collect_frames(results: list, labeller: str, expected: list) -> Any:
     """Job: the LabelOutput of the whole protocol (tolerates dead parents)."""
     return collect(results, labeller, [tuple(e) for e in expected])
@@ -375,4 +377,5 @@ def protocol_flow(
     collector = collect_frames(outputs, labeller, expected)
     collector.name = "collect frames"
     collector.config = tolerant
+    collector.metadata.update(stage_metadata())  # its frames are the label stage's
     return Flow([*jobs, collector], output=collector.output, name=name)

@@ -29,6 +29,8 @@ from atomate2.vasp.sets.core import RelaxSetGenerator, StaticSetGenerator
 from jobflow import Flow, JobConfig, OnMissing, Response, job
 from pymatgen.io.vasp.sets import MPRelaxSet
 
+from cscflow.checkpoint import stage_metadata
+
 __all__ = [
     "EDIFF_PER_ATOM",
     "PaperRelaxSetGenerator",
@@ -173,7 +175,7 @@ def vasp_statics(cand, relax_outputs: list, seeds: list[int], settings) -> Respo
     return Response(replace=Flow(jobs, output=[j.output for j in jobs]))
 
 
-@job(data=["frames"])
+@job
 def collect_vasp(cand_list: list, relax_tasks: list, static_tasks: list, plan: list):
     """LabelOutput from the TaskDocs; a missing TaskDoc (failed after custodian) is a failure."""
     from cscflow.label import LabelOutput
@@ -197,7 +199,9 @@ def collect_vasp(cand_list: list, relax_tasks: list, static_tasks: list, plan: l
                                  "error": "VASP static failed or was not run"})
                 continue
             frames += taskdoc_frames(task, cand, "static", [-1], s, f"static{k}")
-    return LabelOutput(frames=frames, failures=failures, labeller=LABELLER)
+    from cscflow.structure_store import save_frames
+
+    return LabelOutput(frames=save_frames(frames, "label"), failures=failures, labeller=LABELLER)
 
 
 def vasp_flow(selected, iteration: int, seed: int, settings) -> Flow:
@@ -205,7 +209,7 @@ def vasp_flow(selected, iteration: int, seed: int, settings) -> Flow:
     from cscflow.label.protocol import keep_steps, perturbed_copy, protocol_seeds
 
     keep_steps(2, settings.relax_frames_kept, np.random.default_rng(0))  # validates the range
-    tolerant = JobConfig(on_missing_references=OnMissing.NONE)
+    tolerant = JobConfig(on_missing_references=OnMissing.NONE, expose_store=True)  # collect_vasp stores the frames
     jobs, relax_out, static_out, plan = [], [], [], []
     for cand in selected:
         seeds = protocol_seeds(cand.id, iteration, seed, settings)
@@ -223,6 +227,7 @@ def vasp_flow(selected, iteration: int, seed: int, settings) -> Flow:
         plan.append({**seeds, "kept": list(settings.relax_frames_kept), "crc": zlib.crc32(cand.id.encode())})
     collector = collect_vasp(list(selected), relax_out, static_out, plan)
     collector.config = tolerant
+    collector.metadata.update(stage_metadata())  # its frames are the label stage's
     return Flow([*jobs, collector], output=collector.output, name="vasp protocol")
 
 

@@ -14,7 +14,7 @@ PAPER = REPO / "workflows" / "lips_paper.yaml"
 
 
 def test_plan_paper_spec_without_checkpoints():
-    result = CliRunner().invoke(main, ["plan", str(PAPER), "--label-sample", "4"])
+    result = CliRunner().invoke(main, ["plan", str(PAPER)])
     assert result.exit_code == 0, result.output
     out = result.output
     checkpoints = REPO.parent / "checkpoints"
@@ -25,14 +25,20 @@ def test_plan_paper_spec_without_checkpoints():
         assert "chemical_system_energy_above_hull" in out and "DPA-3.1-3M.pt" in out
     assert "candidates: 9984   selected for labels: 600" in out
     cats = dict(re.findall(r"^  (\w+)\s+(\d+)$", out, flags=re.M))
-    # GPU: generate, relax, train, MatterGen fine-tune; CPU: everything else incl. the VASP fan-out
-    assert cats["gpu"] == "4"
     line = out.split("by stage: ")[1].splitlines()[0]
     stages = {k.strip(): v for k, v in re.findall(r"([\w ()]+): (\d+)", line)}
-    assert stages["label (added at run time)"] == str(600 * 4 + 1)  # 3 relaxations + statics job each, collector
+    # GPU: generate (3 conditions x 3328 per job + collect), relax (39 shards of 256 + collect),
+    # train, MatterGen fine-tune; CPU: everything else incl. the VASP fan-out
+    assert stages["generate batches (added at run time)"] == str(3 + 1)
+    assert stages["relax shards (added at run time)"] == str(39 + 1)  # ceil(9984 / 256)
+    assert cats["gpu"] == str(4 + 4 + 40)
+    assert stages["label structures (added at run time)"] == str(600 + 1)  # one job per structure, collector
+    assert stages["label calculations (added per structure)"] == str(600 * 5)  # 3 relaxations, statics job, collect
     assert stages["label statics (added later)"] == str(600 * 5)
-    assert int(cats["cpu"]) == sum(int(v) for k, v in stages.items()) - 4
-    assert re.search(r"largest document: .+: \d+\.\d MB", out)
+    assert int(cats["cpu"]) == sum(int(v) for k, v in stages.items()) - int(cats["gpu"])
+    # one document per structure: nothing near MongoDB's 16 MB limit at paper scale
+    largest = float(re.search(r"largest document: .+: (\d+\.\d) MB", out).group(1))
+    assert largest < 4 and "OVER" not in out, out
     assert re.search(r"GPU-hours: \d+\.\d", out) and re.search(r"CPU-hours: \d+\.\d", out)
     assert "score_cpu_s = " in out and "measured" in out
 

@@ -239,17 +239,13 @@ def _bson_size(obj) -> int:
 # --------------------------------------------------------------------------- plan
 
 
-def _label_flow(spec: ExplorationSpec, selected: list[Candidate], iteration: int):
-    """The flow the Label stage will put in its place at run time (None: labels in-process)."""
-    backend = spec.labeller.backend
-    if backend == "vasp":
+def _structure_flow(spec: ExplorationSpec, one: Candidate, iteration: int):
+    """What one structure's label job puts in its place at run time (None: CP2K runs the
+    protocol inside that job)."""
+    if spec.labeller.backend == "vasp":
         from cscflow.label.vasp import vasp_flow
 
-        return vasp_flow(selected, iteration, spec.seed, spec.labeller)
-    if backend == "cp2k":
-        from cscflow.label.protocol import protocol_flow
-
-        return protocol_flow(selected, iteration, spec.seed, spec.labeller, key_prefix="plan")
+        return vasp_flow([one], iteration, spec.seed, spec.labeller)
     return None
 
 
@@ -272,13 +268,11 @@ def plan_iteration(
     iteration: int = 1,
     costs: dict[str, float] | None = None,
     run_id: str = "plan",
-    label_sample: int | None = None,
 ) -> IterationPlan:
     """Build iteration `iteration`'s workflow (and iteration 0's) and size it; runs nothing.
 
-    `label_sample`: build the Label fan-out for this many stand-in structures and scale its
-    job count and FWAction size linearly to the selection (both are per structure plus one
-    collector); None builds it for every selected slot (600 VASP structures: ~1-2 min).
+    The Label fan-out is built for every selected slot (one job per structure; for VASP
+    one structure's atomate2 calculations are built and counted per structure).
     """
     import uuid as uuidlib
 
@@ -354,26 +348,42 @@ def plan_iteration(
     plan.documents["one candidate document (largest stand-in)"] = max(_bson_size(c) for c in sample)
     plan.documents["one frame document (largest stand-in)"] = max(_bson_size(_stand_in_frame(c)) for c in sample)
 
-    # the DFT fan-out the Label stage returns at run time
+    # the generation batches and relax shards the stages fan out into at run time (each with
+    # a collect job, in the stage's category)
+    import math
+
+    from cscflow.generators import generation_batches
+
+    n_batches = len(generation_batches(spec.generator))
+    by_cat[str(spec.dispatch.category("generate"))] += n_batches + 1
+    by_stage["generate batches (added at run time)"] += n_batches + 1
+    n_shards = max(1, math.ceil(n / spec.relax.shard_size))
+    by_cat[str(spec.dispatch.category("relax"))] += n_shards + 1
+    by_stage["relax shards (added at run time)"] += n_shards + 1
+
+    # the DFT fan-out the Label stage returns at run time: one job per structure (its
+    # candidate as one store key), each of which VASP replaces by its atomate2 calculations
     label_cat = str(spec.dispatch.category("label"))
-    n_built = n_sel if label_sample is None else max(1, min(label_sample, n_sel))
-    selected = _stand_in_candidates(spec, n_built, iteration)
-    label_flow = _label_flow(spec, selected, iteration) if n_sel else None
-    if label_flow is not None:
+    if spec.labeller.backend in ("vasp", "cp2k") and n_sel:
+        from cscflow.label import label_fanout_flow
+
+        label_flow = label_fanout_flow(key_set(CandidateSet, cand_ids[:n_sel]), iteration, spec.seed, spec.labeller)
         label_wf = flow_to_workflow(label_flow, store=None)
-        size = _bson_size(FWAction(detours=[label_wf]).to_dict())
         n_fws = len(label_wf.fws)
-        if n_built < n_sel:  # per structure + one collector
-            n_fws = 1 + round((n_fws - 1) * n_sel / n_built)
-            size = int(size * n_sel / n_built)
-            plan.notes.append(f"Label fan-out built for {n_built} stand-ins and scaled to {n_sel}")
         by_cat[label_cat] += n_fws
-        by_stage["label (added at run time)"] += n_fws
-        plan.documents[f"Label FWAction ({n_fws} Fireworks)"] = size
-        if spec.labeller.backend == "vasp":  # each structure's statics: another replace at run time
-            added = n_sel * spec.labeller.statics_per_structure
+        by_stage["label structures (added at run time)"] += n_fws
+        plan.documents[f"Label FWAction ({n_fws} Fireworks)"] = _bson_size(FWAction(detours=[label_wf]).to_dict())
+        one_flow = _structure_flow(spec, _stand_in_candidates(spec, 1, iteration)[0], iteration)
+        if one_flow is not None:
+            one_wf = flow_to_workflow(one_flow, store=None)
+            added = n_sel * len(one_wf.fws)
             by_cat[label_cat] += added
-            by_stage["label statics (added later)"] += added
+            by_stage["label calculations (added per structure)"] += added
+            plan.documents["one structure's label FWAction"] = _bson_size(FWAction(detours=[one_wf]).to_dict())
+            if spec.labeller.backend == "vasp":  # each structure's statics: another replace at run time
+                added = n_sel * spec.labeller.statics_per_structure
+                by_cat[label_cat] += added
+                by_stage["label statics (added later)"] += added
     plan.jobs_by_category = dict(sorted(by_cat.items()))
     plan.jobs_by_stage = dict(sorted(by_stage.items()))
 
@@ -446,12 +456,10 @@ def plan_command():
     @click.command("plan")
     @click.argument("spec", type=click.Path(dir_okay=False))
     @click.option("--iteration", type=int, default=1, show_default=True, help="Which iteration to build.")
-    @click.option("--label-sample", type=int, default=None, metavar="N",
-                  help="Build the DFT fan-out for N stand-ins and scale it to the selection (faster).")
     @click.option("--cost", "cost_overrides", multiple=True, metavar="NAME=VALUE",
                   help=f"Override a per-structure cost ({', '.join(COSTS)}).")
     @user_errors
-    def plan(spec, iteration, label_sample, cost_overrides):
+    def plan(spec, iteration, cost_overrides):
         """Build one iteration's FireWorks workflow of SPEC without running it: jobs per
         category, largest document, estimated GPU/CPU hours (missing checkpoints are listed)."""
         costs = {}
@@ -465,7 +473,7 @@ def plan_command():
                 raise SpecError(f"--cost {item!r}: expected NAME=NUMBER")
         with tempfile.TemporaryDirectory(prefix="cscflow-plan-") as tmp:
             resolved, missing = load_plan_spec(spec, tmp)
-            result = plan_iteration(resolved, iteration=iteration, costs=costs, label_sample=label_sample)
+            result = plan_iteration(resolved, iteration=iteration, costs=costs)
             result.missing_paths = missing
             click.echo(format_plan(result))
 

@@ -107,3 +107,36 @@ def test_generate_maker_run_locally():
     assert out.candidates[-1].id == "it1-pyxtal-e0.06-00005"
     direct, _ = generate_candidates(LIPS, settings, iteration=1, seed=5)
     assert [c.structure for c in direct] == [c.structure for c in out.candidates]
+
+
+def test_generation_fans_out_per_condition_and_batch():
+    """One job per (condition, batch of per_job) and a collect: every structure once, global ids;
+    one job per condition (per_job unset) gives exactly what one Generate job gives."""
+    from jobflow import JobStore, run_locally
+    from maggma.stores import MemoryStore
+
+    from cscflow.generators import GenerateFanOutMaker, GenerateOutput, generation_batches
+
+    def _plain(out):
+        return out.model_dump() if hasattr(out, "model_dump") else {k: v for k, v in out.items() if not k.startswith("@")}
+
+    settings = GeneratorSettings(num_per_condition=3, conditions=[0.0, 0.06], per_job=2)
+    assert generation_batches(settings) == [(0, 0, 2), (0, 2, 1), (1, 0, 2), (1, 2, 1)]
+    fan = GenerateFanOutMaker(generate_maker=GenerateMaker(chemical_system=LIPS, settings=settings))
+    job = fan.make(iteration=1, seed=5)
+    store = JobStore(MemoryStore())
+    responses = run_locally(job, store=store, ensure_success=True, log=False)
+    batch_jobs = [r[1] for u, r in responses.items() if u != job.uuid and getattr(r[1].output, "n_requested", 0) < 6]
+    assert len(batch_jobs) == 4
+    out = GenerateOutput.model_validate(_plain(store.get_output(job.uuid, which="last", load=True)))
+    ids = [c.id for c in out.candidates]
+    assert out.n_requested == 6 and out.n_generated == 6 == len(set(ids))
+    assert sorted(ids) == [f"it1-pyxtal-e{e}-{i:05d}" for e, i in
+                           [("0.00", 0), ("0.00", 1), ("0.00", 2), ("0.06", 3), ("0.06", 4), ("0.06", 5)]]
+
+    whole = GeneratorSettings(num_per_condition=3, conditions=[0.0, 0.06])
+    job = GenerateFanOutMaker(generate_maker=GenerateMaker(chemical_system=LIPS, settings=whole)).make(iteration=1, seed=5)
+    run_locally(job, store=store, ensure_success=True, log=False)
+    out = GenerateOutput.model_validate(_plain(store.get_output(job.uuid, which="last", load=True)))
+    direct, _ = generate_candidates(LIPS, whole, iteration=1, seed=5)
+    assert [c.structure for c in direct] == [c.structure for c in out.candidates]

@@ -131,3 +131,42 @@ def test_label_maker_run_locally(lips_structures):
     assert out.frames[0].provenance.candidate_id == "it0-seed-0000-mp-1153"
     direct = label_candidates(cands, 0, 3, settings)
     assert [f.energy for f in direct.frames] == pytest.approx([f.energy for f in out.frames])
+
+
+def test_label_fans_out_one_job_per_structure(lips_structures, tmp_path, monkeypatch):
+    """The DFT fan-out (label_fanout_flow, teacher engine here): each structure's job gets one
+    store key, not a structure; the collector's frames are the whole-list protocol's."""
+    import json
+
+    from jobflow import job, run_locally
+
+    from cscflow.config import StoreSettings
+    from cscflow.label import label_fanout_flow
+    from cscflow.stores import build_job_store
+    from cscflow.structure_store import load_frames, save_candidates
+
+    monkeypatch.chdir(tmp_path)
+    cands = _candidates(lips_structures, ["mp-1153", "mp-157"])
+    settings = LabelSettings(copies_per_structure=1, statics_per_structure=1, cp2k=FAST)
+
+    @job
+    def selected():
+        return save_candidates(cands, "select")
+
+    store = build_job_store(StoreSettings(), tmp_path)
+    sel = selected()
+    sel.config.expose_store = True
+    run_locally(sel, store=store, ensure_success=True, log=False)
+    with store as s:
+        stored_set = s.get_output(sel.uuid, load=True)
+    flow = label_fanout_flow(stored_set, 0, 42, settings)
+    per_structure = flow.jobs[:-1]
+    assert len(per_structure) == 2 and [j.metadata["candidate_id"] for j in per_structure] == [c.id for c in cands]
+    assert all("structure" not in json.dumps(j.function_args[0].model_dump(), default=str) for j in per_structure)
+    run_locally(flow, store=store, ensure_success=True, log=False)
+    with store as s:
+        out = s.get_output(flow.jobs[-1].uuid, load=True)
+    fanned = load_frames(out["frames"] if isinstance(out, dict) else out.frames, store)
+    direct = label_candidates(cands, 0, 42, settings)
+    assert [f.frame_id for f in fanned] == [f.frame_id for f in direct.frames]
+    assert [f.energy for f in fanned] == pytest.approx([f.energy for f in direct.frames])

@@ -531,6 +531,10 @@ class RemoteWorkerSettings(_Settings):
     resources: dict[str, Any] | None = Field(None, description="qtoolkit resources, e.g. {gpus_per_job: 1}")
 
 
+#: stage-name suffixes of the jobs a stage fans out into (cscflow.loop, relax, label, generators)
+FAN_OUT_UNITS = ("batch", "shard", "structure", "collect")
+
+
 class DispatchSettings(_Settings):
     """Where each stage runs: FireWorks `_category` (GPU work to GPU workers, DFT to CPU
     workers) and, for jobflow-remote, the worker that takes each category."""
@@ -541,9 +545,15 @@ class DispatchSettings(_Settings):
     )
 
     def category(self, stage: str) -> str | None:
+        """The stage's category; a fan-out unit (``relax_shard``, ``generate_batch``,
+        ``label_structure``, ``*_collect``) runs where its stage runs."""
         category = self.categories.get(stage)
         if category is None and stage == "link":  # link jobs run where the trigger runs
             category = self.categories.get("trigger")
+        if category is None and stage not in self.categories and "_" in stage:
+            parent, _, unit = stage.rpartition("_")
+            if unit in FAN_OUT_UNITS:
+                category = self.categories.get(parent)
         return category
 
     def manager_config(self, stage: str) -> dict[str, Any]:

@@ -89,16 +89,15 @@ def _model_file(path: str | Path | None, backend: str) -> Path:
     return p.resolve()
 
 
-def _chgnet_file(version: str) -> Path | None:
-    """A CHGNet model file when ``chgnet_version`` names one, None for a shipped version."""
-    if version in CHGNET_VERSIONS:
+def _shipped_or_file(name: str, shipped: tuple[str, ...], what: str, setting: str) -> Path | None:
+    """None for a model shipped in the wheel (``shipped``), else the existing file ``name`` names."""
+    if name in shipped:
         return None
-    p = Path(version).expanduser()
+    p = Path(name).expanduser()
     if p.is_file():
         return p.resolve()
     raise ValueError(
-        f"unknown CHGNet version {version!r}: use one shipped in the wheel "
-        f"({', '.join(CHGNET_VERSIONS)}) or an existing model file (forcefield.chgnet_version)"
+        f"unknown {what} {name!r}: use one shipped in the wheel ({', '.join(shipped)}) or an existing file ({setting})"
     )
 
 
@@ -157,19 +156,6 @@ def _sniff_backend(path: str, mtime_ns: int, size: int) -> str | None:
     return None
 
 
-def _sevenn_model(name: str) -> Path | None:
-    """None for a model shipped in the sevenn wheel, else the file named."""
-    if name in SEVENN_MODELS:
-        return None
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p.resolve()
-    raise ValueError(
-        f"unknown SevenNet model {name!r}: use one shipped in the wheel "
-        f"({', '.join(SEVENN_MODELS)}) or an existing checkpoint file (forcefield.sevenn_model)"
-    )
-
-
 def _resolve(settings: ForceFieldSettings, model_path: str | Path | None) -> tuple[str, Path | None]:
     """(backend, model file) actually used; a model_path argument names its own family."""
     if model_path is not None:
@@ -178,11 +164,13 @@ def _resolve(settings: ForceFieldSettings, model_path: str | Path | None) -> tup
     if settings.backend == "chgnet":
         if settings.model_path is not None:  # a fine-tuned CHGNet file
             return "chgnet", _model_file(settings.model_path, "chgnet")
-        return "chgnet", _chgnet_file(settings.chgnet_version)
+        return "chgnet", _shipped_or_file(settings.chgnet_version, CHGNET_VERSIONS, "CHGNet version",
+                                          "forcefield.chgnet_version")
     if settings.backend == "sevenn":
         if settings.model_path is not None:
             return "sevenn", _model_file(settings.model_path, "sevenn")
-        return "sevenn", _sevenn_model(settings.sevenn_model)
+        return "sevenn", _shipped_or_file(settings.sevenn_model, SEVENN_MODELS, "SevenNet model",
+                                          "forcefield.sevenn_model")
     return settings.backend, _model_file(settings.model_path, settings.backend)
 
 

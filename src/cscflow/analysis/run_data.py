@@ -111,7 +111,7 @@ def load_run_data(run_dir: str | Path) -> RunData:
     """Read the newest finished document of every stage of the run in `run_dir`."""
     from monty.json import MontyDecoder
 
-    from cscflow.runner import load_run
+    from cscflow.runner import latest_by_stage, load_run
     from cscflow.stores import build_job_store
 
     run_dir = Path(run_dir).resolve()
@@ -119,17 +119,10 @@ def load_run_data(run_dir: str | Path) -> RunData:
     store = build_job_store(spec.store, run_dir)
     store.connect()
     try:
-        docs = list(store.query({"metadata.run_id": run_id, "output": {"$ne": None}},
-                                properties=["uuid", "metadata", "completed_at", "output"], load=True))
+        raw = latest_by_stage(store, run_id, load=True)
     finally:
         store.close()
     data = RunData(run_dir=run_dir, run_id=run_id, spec=spec)
-    raw: dict[tuple[int, str], dict] = {}
-    for doc in docs:
-        meta = doc.get("metadata") or {}
-        key = (int(meta.get("iteration", -1)), str(meta.get("stage")))
-        if key not in raw or str(doc.get("completed_at")) > str(raw[key].get("completed_at")):
-            raw[key] = doc
     decoder = MontyDecoder()
     for key, doc in raw.items():
         try:

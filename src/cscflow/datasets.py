@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from cscflow.entropy import DescriptorCache, greedy_entropy_ranking, structure_descriptors
-from cscflow.schemas import Frame
+from cscflow.schemas import Frame, flatten_documents
 
 __all__ = [
     "DatasetSplit",
@@ -38,20 +38,7 @@ __all__ = [
 # --------------------------------------------------------------------------- helpers
 def flatten_frames(frames: Sequence[Frame] | Sequence[Sequence[Frame]]) -> list[Frame]:
     """Accept the frames of one iteration or a list of per-iteration lists."""
-    flat: list[Frame] = []
-    for item in frames or ():
-        if isinstance(item, Frame):
-            flat.append(item)
-        elif isinstance(item, (list, tuple)):
-            flat.extend(flatten_frames(item))
-        elif isinstance(item, dict):  # a Frame serialised by jobflow/monty
-            from monty.json import MontyDecoder
-
-            decoded = MontyDecoder().process_decoded(item)
-            flat.append(decoded if isinstance(decoded, Frame) else Frame.model_validate(decoded))
-        else:
-            raise TypeError(f"expected Frame or a list of Frames, got {type(item).__name__}")
-    return flat
+    return flatten_documents(frames, Frame)
 
 
 def stress_to_virial(stress_gpa: np.ndarray, volume: float) -> np.ndarray:

@@ -54,7 +54,7 @@ from pymatgen.core import Structure
 from cscflow.checkpoint import resumable
 from cscflow.config import ForceFieldSettings, ScoreSettings
 from cscflow.energies import EnergyCache, energies_with_model, energy_cache_for
-from cscflow.schemas import Candidate, MatchKey, ReferenceEntry
+from cscflow.schemas import Candidate, MatchKey, ReferenceEntry, flatten_documents
 
 __all__ = [
     "MissingReferenceError",
@@ -103,16 +103,6 @@ class ScoreOutput(BaseModel):
     n_matcher_fits: int = Field(0, description="StructureMatcher calls the S.U.N. flags needed")
     n_match_keys: int = Field(0, description="matching keys computed (the rest were stored)")
     seconds: float = 0.0
-
-
-def _flatten(previous) -> list[Candidate]:
-    out: list[Candidate] = []
-    for item in previous or ():
-        if isinstance(item, Candidate):
-            out.append(item)
-        else:
-            out.extend(item)
-    return out
 
 
 def _scorable(c: Candidate) -> bool:
@@ -322,7 +312,7 @@ def score_candidates(
     settings = settings or ScoreSettings()
     if not references:
         raise MissingReferenceError("no reference entries: the hull needs iteration-0 references")
-    prev = [c for c in _flatten(previous) if _scorable(c)]
+    prev = [c for c in flatten_documents(previous, Candidate) if _scorable(c)]
     cands = [c.model_copy(deep=True) for c in candidates]
     current = [i for i, c in enumerate(cands) if _scorable(c)]
     for c in cands:

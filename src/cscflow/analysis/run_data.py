@@ -12,22 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from cscflow.config import ExplorationSpec
-from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry
+from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry, field_of
 
-__all__ = ["DOWNSTREAM_STAGES", "RunData", "as_documents", "load_run_data", "stage_field"]
+__all__ = ["DOWNSTREAM_STAGES", "RunData", "as_documents", "load_run_data"]
 
 logger = logging.getLogger(__name__)
 
 DOWNSTREAM_STAGES = ("qha", "conductivity")
-
-
-def stage_field(obj: Any, name: str, default=None):
-    """Attribute of a stage output, whether decoded into its pydantic model or left a dict."""
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 def as_documents(model, items) -> list:
@@ -69,23 +60,23 @@ class RunData:
         return self.outputs.get((k, stage))
 
     def references(self) -> list[ReferenceEntry]:
-        return as_documents(ReferenceEntry, stage_field(self.output(0, "references"), "references", []))
+        return as_documents(ReferenceEntry, field_of(self.output(0, "references"), "references", []))
 
     def candidates(self, k: int) -> tuple[list[Candidate], str | None]:
         """The most processed candidates of iteration k (score > relax > generate) and their stage."""
         order = ("references", "relax") if k == 0 else ("score", "relax", "generate")
         for stage in order:
             out = self.output(k, stage)
-            if out is not None and stage_field(out, "candidates") is not None:
-                return as_documents(Candidate, stage_field(out, "candidates")), stage
+            if out is not None and field_of(out, "candidates") is not None:
+                return as_documents(Candidate, field_of(out, "candidates")), stage
         return [], None
 
     def scored(self) -> dict[int, list[Candidate]]:
-        return {k: as_documents(Candidate, stage_field(self.output(k, "score"), "candidates", []))
+        return {k: as_documents(Candidate, field_of(self.output(k, "score"), "candidates", []))
                 for k in self.iterations if self.output(k, "score") is not None}
 
     def frames(self, k: int) -> list[Frame]:
-        return as_documents(Frame, stage_field(self.output(k, "label"), "frames", []))
+        return as_documents(Frame, field_of(self.output(k, "label"), "frames", []))
 
     def all_frames(self) -> list[Frame]:
         return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]
@@ -101,7 +92,7 @@ class RunData:
         triggers = sorted(k for k, s in self.outputs if s == "trigger")
         for k in reversed(triggers):
             out = self.output(k, "trigger")
-            if stage_field(out, "converged"):
+            if field_of(out, "converged"):
                 return out if isinstance(out, LoopState) else LoopState.model_validate(
                     {a: b for a, b in dict(out).items() if not a.startswith("@")})
         return None

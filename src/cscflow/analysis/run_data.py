@@ -12,30 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from cscflow.config import ExplorationSpec
-from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry, field_of
+from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry, field_of, flatten_documents
 
-__all__ = ["DOWNSTREAM_STAGES", "RunData", "as_documents", "load_run_data"]
+__all__ = ["DOWNSTREAM_STAGES", "RunData", "load_run_data"]
 
 logger = logging.getLogger(__name__)
 
 DOWNSTREAM_STAGES = ("qha", "conductivity")
-
-
-def as_documents(model, items) -> list:
-    """Validate a list of documents (objects or their dict form) into `model`."""
-    from pymatgen.core import Structure
-
-    out = []
-    for item in items or []:
-        if isinstance(item, model):
-            out.append(item)
-            continue
-        data = dict(item)
-        data = {k: v for k, v in data.items() if not k.startswith("@")}
-        if isinstance(data.get("structure"), dict):
-            data["structure"] = Structure.from_dict(data["structure"])
-        out.append(model.model_validate(data))
-    return out
 
 
 @dataclass
@@ -60,7 +43,7 @@ class RunData:
         return self.outputs.get((k, stage))
 
     def references(self) -> list[ReferenceEntry]:
-        return as_documents(ReferenceEntry, field_of(self.output(0, "references"), "references", []))
+        return flatten_documents(field_of(self.output(0, "references"), "references", []), ReferenceEntry)
 
     def candidates(self, k: int) -> tuple[list[Candidate], str | None]:
         """The most processed candidates of iteration k (score > relax > generate) and their stage."""
@@ -68,15 +51,15 @@ class RunData:
         for stage in order:
             out = self.output(k, stage)
             if out is not None and field_of(out, "candidates") is not None:
-                return as_documents(Candidate, field_of(out, "candidates")), stage
+                return flatten_documents(field_of(out, "candidates"), Candidate), stage
         return [], None
 
     def scored(self) -> dict[int, list[Candidate]]:
-        return {k: as_documents(Candidate, field_of(self.output(k, "score"), "candidates", []))
+        return {k: flatten_documents(field_of(self.output(k, "score"), "candidates", []), Candidate)
                 for k in self.iterations if self.output(k, "score") is not None}
 
     def frames(self, k: int) -> list[Frame]:
-        return as_documents(Frame, field_of(self.output(k, "label"), "frames", []))
+        return flatten_documents(field_of(self.output(k, "label"), "frames", []), Frame)
 
     def all_frames(self) -> list[Frame]:
         return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]

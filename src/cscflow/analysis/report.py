@@ -27,7 +27,7 @@ from typing import Any
 from jobflow import Maker, job
 
 from cscflow.analysis.parity import parity_predictions
-from cscflow.analysis.report_html import HtmlCell, ReportOutput, Section, add_figure, render_page, table
+from cscflow.analysis.report_html import HtmlCell, ReportOutput, Section, add_figure, render_page, report_dir, table
 from cscflow.analysis.run_data import DOWNSTREAM_STAGES, RunData, load_run_data
 from cscflow.schemas import Candidate, field_of
 
@@ -408,9 +408,7 @@ def write_report(
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     data = load_run_data(run_dir)
-    out = Path(out_dir) if out_dir is not None else data.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
+    out = report_dir(run_dir, out_dir)
     rows = _iteration_rows(data)
     train_rows = _train_rows(data)
     sections = [

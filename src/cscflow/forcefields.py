@@ -10,6 +10,11 @@ Loading a model costs seconds (TorchScript warm-up for DeePMD), so calculators a
 per process, keyed on backend + model file + its mtime + branch + device: a retrained
 model written to the same path is picked up, an unchanged one is loaded once.
 
+Not atomate2's ``forcefields.utils.ase_calculator`` (0.1.5): it builds a new calculator on
+every call (no cache), its CHGNet route loads only the wheel's default model (no fine-tuned
+file by path) and its named MACE/matgl models download weights;
+``cscflow.downstream.atomate2_force_field`` maps these settings onto its names for atomate2's makers.
+
 Units (docs/design.md): energy eV (total), forces eV/Å, stress GPa with ASE's sign
 (``atoms.get_stress(voigt=False) / ase.units.GPa``, positive = tensile). CHGNet predicts
 stress in GPa with that same sign (its ASE calculator only multiplies by ``units.GPa``);

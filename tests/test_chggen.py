@@ -25,18 +25,7 @@ from cscflow.chggen.symmetrize import space_group, symmetrize_framework
 from cscflow.config import SpecError
 from cscflow.schemas import ReferenceEntry
 
-
-def _have_mattergen() -> bool:
-    from cscflow.generators.mattergen import mattergen_python
-
-    try:
-        mattergen_python()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_mattergen = pytest.mark.skipif(not _have_mattergen(), reason="MatterGen environment absent")
+from test_mattergen import have_mattergen, needs_mattergen  # one check of .venv-mattergen for both files
 
 
 def _rattle(s: Structure, sigma: float, seed: int) -> Structure:
@@ -234,7 +223,7 @@ def test_cli_has_chggen_command():
 
 @pytest.fixture(scope="session")
 def tiny_lisi(tmp_path_factory, shared_data_dir):
-    if not _have_mattergen():
+    if not have_mattergen():
         pytest.skip("MatterGen environment absent: run scripts/bootstrap-mattergen")
     from cscflow.chggen.tiny import train_tiny_model
     from cscflow.generators.mattergen import MatterGenWorker

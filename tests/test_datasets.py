@@ -158,6 +158,25 @@ def test_flatten_rejects_garbage():
         flatten_frames([1, 2])
 
 
+def test_flatten_documents_keeps_order_across_nesting_and_store_forms():
+    from monty.json import jsanitize
+    from pymatgen.core import Lattice, Structure
+
+    from cscflow.schemas import Candidate, Provenance, flatten_documents
+
+    def cand(i):
+        return Candidate(provenance=Provenance(candidate_id=f"c{i}", iteration=i, generator="seed"),
+                         structure=Structure(Lattice.cubic(3.0 + i), ["Li"], [[0, 0, 0]]))
+
+    stored = jsanitize(cand(1), strict=True)  # what a store gives back, Structure as its dict
+    stored_unimportable = {**jsanitize(cand(2), strict=True), "@module": "gone.module", "@class": "Candidate"}
+    flat = flatten_documents([cand(0), [stored, [stored_unimportable]], ()], Candidate)
+    assert [c.id for c in flat] == ["c0", "c1", "c2"]
+    assert all(isinstance(c.structure, Structure) for c in flat) and flat[2].structure.lattice.a == 5.0
+    with pytest.raises(TypeError, match="expected Candidate"):
+        flatten_documents([cand(0), "c1"], Candidate)
+
+
 def _siblings(n_candidates=30, per_candidate=(2, 3), envs=4, seed=0):
     """Candidates far apart; each candidate's frames are near-identical copies of it."""
     rng = np.random.default_rng(seed)

@@ -23,7 +23,7 @@ LIPS = ChemicalSystem(elements=["Li", "P", "S"], min_atoms=1, max_atoms=16)
 TEACHER = "teacher:chgnet-0.3.0 (stand-in for DFT)"
 
 
-def _have_mattergen() -> bool:
+def have_mattergen() -> bool:
     from cscflow.generators.mattergen import mattergen_python
 
     try:
@@ -34,7 +34,7 @@ def _have_mattergen() -> bool:
 
 
 needs_mattergen = pytest.mark.skipif(
-    not _have_mattergen(), reason="MatterGen environment absent: run scripts/bootstrap-mattergen"
+    not have_mattergen(), reason="MatterGen environment absent: run scripts/bootstrap-mattergen"
 )
 
 
@@ -192,7 +192,7 @@ def chgnet_frames(lips_structures):
 @pytest.fixture(scope="session")
 def tiny_mattergen(tmp_path_factory, lips_structures, chgnet_frames):
     """One tiny MatterGen trained from scratch, then fine-tuned once with both adapters."""
-    if not _have_mattergen():
+    if not have_mattergen():
         pytest.skip("MatterGen environment absent: run scripts/bootstrap-mattergen")
     from cscflow.generators.mattergen import MatterGenWorker, finetune_generator
     from cscflow.mattergen_worker.modelconf import ModelSpec

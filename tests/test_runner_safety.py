@@ -169,6 +169,22 @@ def test_status_works_on_a_read_only_run_directory(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
+def test_report_on_a_read_only_run_directory_asks_for_out(tmp_path):
+    run_dir = tmp_path / "run"
+    _small_run(run_dir, _spec(tmp_path))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    cscflow = str(Path(sys.executable).parent / "cscflow")
+    report = [cscflow, "report", str(run_dir), "--no-tsne", "--no-parity"]
+    out = _read_only(report, run_dir)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip() == f"error: {run_dir} is read-only: pass --out DIR"
+    elsewhere = tmp_path / "elsewhere"
+    out = _read_only([*report, "--out", str(elsewhere)], run_dir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (elsewhere / "index.html").is_file() and "report:" in out.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
 def test_a_truncated_store_file_is_one_line_naming_it(tmp_path):
     run_dir = tmp_path / "run"
     _small_run(run_dir, _spec(tmp_path))

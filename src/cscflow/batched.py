@@ -18,9 +18,10 @@ models that ``cscflow.forcefields.get_calculator`` already loaded (no second loa
 filter, ``unit_cell_fire`` for ``exp``, ``fire`` for positions only) with the in-flight batcher
 itself instead of ``torch_sim.optimize``: in 0.3.0 ``optimize`` counts ``max_steps`` for the
 whole run, not per structure, and has no hook to stop a structure whose cell explodes or whose
-energy goes NaN. The loop here checks cscflow's gates after every step, per structure, as the
-ASE path does (cscflow.relax), and returns raw results; cscflow.relax turns them into
-candidates through the same final gates.
+energy goes NaN (atomate2 0.1.5's ``TorchSimOptimizeMaker`` wraps that same ``optimize`` and
+loads its own model by type, with no CHGNet or DeePMD). The loop here checks cscflow's gates
+after every step, per structure, as the ASE path does (cscflow.relax), and returns raw
+results; cscflow.relax turns them into candidates through the same final gates.
 
 Units: energy eV, forces eV/Å, stress eV/Å³ inside torch-sim (ASE sign, positive = tensile),
 GPa in the results.

@@ -148,10 +148,8 @@ def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs):
 
 def _register_optional_commands():
     """Commands that live next to their analysis code."""
-    try:
-        from cscflow.analysis.motifs import motifs_command
-    except ImportError:  # pragma: no cover - the analysis package is part of cscflow
-        return
+    from cscflow.analysis.motifs import motifs_command
+
     main.add_command(motifs_command, name="motifs")
     from cscflow.chggen.cli import chggen_command
 

@@ -406,6 +406,8 @@ def greedy_entropy_ranking(
     own H (QUESTS' msc starts the same way), then the lower index. `n_select` None: all.
     `start`: frames taken first, in that order (e.g. last iteration's training set, so a
     fine-tuned model's training frames stay training frames); greedy continues from them.
+    Not ``quests.compression.msc``: it scores a frame by its single most novel environment plus
+    its own H (not the mean δH of Methods 4.3), takes no reference set or start, and runs on CPU only.
     """
     n_pool = len(descriptors)
     n_select = n_pool if n_select is None else min(int(n_select), n_pool)
@@ -442,7 +444,8 @@ def entropy_along(
     device: str | None = "auto",
 ) -> list[float]:
     """H (eq. 1) of the first N frames, for N = 1..len, in the given order (incremental,
-    exact: the same numbers as QUESTS' ``compression.metrics.sequential_metrics``)."""
+    exact: the same numbers as QUESTS' ``compression.metrics.sequential_metrics``, which recomputes
+    every prefix from scratch on CPU; this one adds the new frame's kernel blocks, GPU too)."""
     if not len(descriptors):
         return []
     acc = _Accumulator(descriptors, _Kernels(bandwidth, batch_size, device), None)

@@ -10,6 +10,11 @@ Loading a model costs seconds (TorchScript warm-up for DeePMD), so calculators a
 per process, keyed on backend + model file + its mtime + branch + device: a retrained
 model written to the same path is picked up, an unchanged one is loaded once.
 
+Not atomate2's ``forcefields.utils.ase_calculator`` (0.1.5): it builds a new calculator on
+every call (no cache), its CHGNet route loads only the wheel's default model (no fine-tuned
+file by path) and its named MACE/matgl models download weights;
+``cscflow.downstream.atomate2_force_field`` maps these settings onto its names for atomate2's makers.
+
 Units (docs/design.md): energy eV (total), forces eV/Å, stress GPa with ASE's sign
 (``atoms.get_stress(voigt=False) / ase.units.GPa``, positive = tensile). CHGNet predicts
 stress in GPa with that same sign (its ASE calculator only multiplies by ``units.GPa``);
@@ -89,16 +94,15 @@ def _model_file(path: str | Path | None, backend: str) -> Path:
     return p.resolve()
 
 
-def _chgnet_file(version: str) -> Path | None:
-    """A CHGNet model file when ``chgnet_version`` names one, None for a shipped version."""
-    if version in CHGNET_VERSIONS:
+def _shipped_or_file(name: str, shipped: tuple[str, ...], what: str, setting: str) -> Path | None:
+    """None for a model shipped in the wheel (``shipped``), else the existing file ``name`` names."""
+    if name in shipped:
         return None
-    p = Path(version).expanduser()
+    p = Path(name).expanduser()
     if p.is_file():
         return p.resolve()
     raise ValueError(
-        f"unknown CHGNet version {version!r}: use one shipped in the wheel "
-        f"({', '.join(CHGNET_VERSIONS)}) or an existing model file (forcefield.chgnet_version)"
+        f"unknown {what} {name!r}: use one shipped in the wheel ({', '.join(shipped)}) or an existing file ({setting})"
     )
 
 
@@ -157,19 +161,6 @@ def _sniff_backend(path: str, mtime_ns: int, size: int) -> str | None:
     return None
 
 
-def _sevenn_model(name: str) -> Path | None:
-    """None for a model shipped in the sevenn wheel, else the file named."""
-    if name in SEVENN_MODELS:
-        return None
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p.resolve()
-    raise ValueError(
-        f"unknown SevenNet model {name!r}: use one shipped in the wheel "
-        f"({', '.join(SEVENN_MODELS)}) or an existing checkpoint file (forcefield.sevenn_model)"
-    )
-
-
 def _resolve(settings: ForceFieldSettings, model_path: str | Path | None) -> tuple[str, Path | None]:
     """(backend, model file) actually used; a model_path argument names its own family."""
     if model_path is not None:
@@ -178,11 +169,13 @@ def _resolve(settings: ForceFieldSettings, model_path: str | Path | None) -> tup
     if settings.backend == "chgnet":
         if settings.model_path is not None:  # a fine-tuned CHGNet file
             return "chgnet", _model_file(settings.model_path, "chgnet")
-        return "chgnet", _chgnet_file(settings.chgnet_version)
+        return "chgnet", _shipped_or_file(settings.chgnet_version, CHGNET_VERSIONS, "CHGNet version",
+                                          "forcefield.chgnet_version")
     if settings.backend == "sevenn":
         if settings.model_path is not None:
             return "sevenn", _model_file(settings.model_path, "sevenn")
-        return "sevenn", _sevenn_model(settings.sevenn_model)
+        return "sevenn", _shipped_or_file(settings.sevenn_model, SEVENN_MODELS, "SevenNet model",
+                                          "forcefield.sevenn_model")
     return settings.backend, _model_file(settings.model_path, settings.backend)
 
 

@@ -110,6 +110,8 @@ class IterationPlan:
 
 
 def _get(raw: dict, keys: tuple[str, ...]):
+    """raw[k1][k2]... of the raw spec mapping, None where the path stops (a nested path, unlike
+    schemas.field_of, which reads one field of a stage output)."""
     node = raw
     for key in keys:
         if not isinstance(node, dict) or key not in node:

@@ -27,7 +27,7 @@ from cscflow.runlock import run_lock
 from cscflow.schemas import field_of, IterationDocument, LoopState
 from cscflow.stores import StoreError, build_job_store
 
-__all__ = ["RunError", "explore", "load_run", "rebuild_state", "resume", "status_rows", "format_status"]
+__all__ = ["RunError", "explore", "latest_by_stage", "load_run", "rebuild_state", "resume", "status_rows", "format_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,12 @@ def explore(spec_path: str | Path, run_dir: str | Path, seeds=None) -> LoopState
         return _run(flow, spec, run_dir)
 
 
-def _latest_by_stage(store, run_id: str) -> dict[tuple[int, str], dict]:
-    """(iteration, stage) -> the newest finished job document of this run."""
+def latest_by_stage(store, run_id: str, load: bool = False) -> dict[tuple[int, str], dict]:
+    """(iteration, stage) -> the newest finished job document of this run (`load`: blobs too)."""
     docs = store.query(
         {"metadata.run_id": run_id, "output": {"$ne": None}},
         properties=["uuid", "index", "metadata", "completed_at", "output"],
-        load=False,
+        load=load,
     )
     latest: dict[tuple[int, str], dict] = {}
     for doc in docs:
@@ -157,7 +157,7 @@ def rebuild_state(store, run_id: str, spec: ExplorationSpec) -> LoopState | None
     """The loop state after the last fully evaluated iteration, from the store alone."""
     from monty.json import MontyDecoder
 
-    latest = _latest_by_stage(store, run_id)
+    latest = latest_by_stage(store, run_id)
     if (0, "references") not in latest or (0, "label") not in latest:
         return None
     state = LoopState(
@@ -254,7 +254,7 @@ def status_rows(run_dir: str | Path) -> tuple[list[IterationDocument], LoopState
     store.connect()
     try:
         state = rebuild_state(store, run_id, spec)
-        latest = _latest_by_stage(store, run_id)
+        latest = latest_by_stage(store, run_id)
     finally:
         store.close()
     history = state.history if state else []

@@ -15,6 +15,7 @@ from pymatgen.core import Structure
 
 __all__ = [
     "field_of",
+    "flatten_documents",
     "Candidate",
     "MatchKey",
     "Frame",
@@ -188,3 +189,24 @@ def field_of(obj, name: str, default=None):
         return default
     value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
     return default if value is None else value
+
+
+def flatten_documents(items, model: type[BaseModel]) -> list:
+    """`model` documents of one iteration or of (nested) per-iteration lists, in order; dict
+    forms (from a store) are decoded, anything else is a TypeError."""
+    flat: list = []
+    for item in items or ():
+        if isinstance(item, model):
+            flat.append(item)
+        elif isinstance(item, (list, tuple)):
+            flat.extend(flatten_documents(item, model))
+        elif isinstance(item, dict):
+            from monty.json import MontyDecoder
+
+            decoded = MontyDecoder().process_decoded(item)  # a dict still when its class cannot be imported
+            if not isinstance(decoded, model):
+                decoded = model.model_validate({k: v for k, v in decoded.items() if not k.startswith("@")})
+            flat.append(decoded)
+        else:
+            raise TypeError(f"expected {model.__name__} or a list of them, got {type(item).__name__}")
+    return flat

@@ -14,6 +14,8 @@ import numpy as np
 from jobflow import Maker, job
 from pydantic import BaseModel, Field
 
+from cscflow.analysis.plotting import pyplot, save_figure
+
 __all__ = [
     "FingerprintMapMaker",
     "FingerprintMapOutput",
@@ -45,18 +47,9 @@ def tsne_embedding(features: np.ndarray, perplexity: float = 30.0, seed: int = 0
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_tsne(embedding: np.ndarray, iterations: Sequence[int], path: str | Path, title: str | None = None) -> Path:
     """All structures on the joint map, coloured by iteration."""
-    plt = _pyplot()
+    plt = pyplot()
     emb = np.asarray(embedding)
     its = np.asarray(iterations)
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -69,17 +62,12 @@ def plot_tsne(embedding: np.ndarray, iterations: Sequence[int], path: str | Path
     ax.set_ylabel("t-SNE 2")
     ax.set_title(title or "CrystalNN fingerprints, joint t-SNE")
     ax.legend(fontsize=8, markerscale=1.5)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_consecutive_overlap(embedding: np.ndarray, iterations: Sequence[int], path: str | Path) -> Path:
     """One panel per consecutive pair (k, k+1) on the shared map; the rest in grey."""
-    plt = _pyplot()
+    plt = pyplot()
     emb = np.asarray(embedding)
     its = np.asarray(iterations)
     uniq = sorted(set(its.tolist()))
@@ -94,12 +82,7 @@ def plot_consecutive_overlap(embedding: np.ndarray, iterations: Sequence[int], p
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 class FingerprintMapOutput(BaseModel):

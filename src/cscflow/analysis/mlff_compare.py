@@ -24,6 +24,7 @@ import numpy as np
 from jobflow import Flow, Maker, job
 from pydantic import BaseModel, Field
 
+from cscflow.analysis.plotting import pyplot, save_figure
 from cscflow.checkpoint import resumable
 from cscflow.config import TrainingSettings
 from cscflow.schemas import Frame
@@ -116,10 +117,7 @@ def plot_comparison(rows: Sequence[CompareRow], sizes: Sequence[int], dh_dn: Seq
                     path: str | Path) -> tuple[Path, dict[str, list[int]]]:
     """Fig. 3a: log10 dH/dN, energy RMSE (meV/atom) and force RMSE (meV/Å) vs N_train, one
     line per family; returns the image and the N_train points of each family's curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(3, 1, figsize=(5, 8), sharex=True)
     rate = np.asarray(dh_dn, float)
@@ -135,12 +133,7 @@ def plot_comparison(rows: Sequence[CompareRow], sizes: Sequence[int], dh_dn: Seq
     axes[2].set_ylabel("F RMSE (meV/Å)")
     axes[2].set_xlabel("N_train (frames)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path, curves
+    return save_figure(fig, path, dpi=120), curves
 
 
 def _training_settings(base: TrainingSettings, backend: str, epochs: int | None) -> TrainingSettings:

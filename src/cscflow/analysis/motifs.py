@@ -369,7 +369,9 @@ def _as_item(obj, index: int) -> tuple[str, int | None, Structure]:
     )
 
 
-def _flatten(items) -> list:
+def _flatten_items(items) -> list:
+    """One level of per-iteration lists; an (id, iteration, Structure) tuple is one item. Not
+    schemas.flatten_documents: the items are mixed (Candidate, Frame, ReferenceEntry, Structure, tuple)."""
     out = []
     for item in items:
         if isinstance(item, (list, tuple)) and not (
@@ -396,7 +398,7 @@ def build_motif_catalog(
     records: dict[str, MotifRecord] = {}
     failures: dict[str, str] = {}
     n = 0
-    for index, obj in enumerate(_flatten(structures)):
+    for index, obj in enumerate(_flatten_items(structures)):
         if not include_rejected and getattr(obj, "status", None) == "rejected":
             continue
         ident, iteration, structure = _as_item(obj, index)
@@ -423,7 +425,7 @@ def build_motif_catalog(
                 rec.example_ids.append(ident)
     ref_hashes: set[str] = set()
     n_ref = 0
-    for index, obj in enumerate(_flatten(references)):
+    for index, obj in enumerate(_flatten_items(references)):
         ident, _, structure = _as_item(obj, index)
         n_ref += 1
         try:

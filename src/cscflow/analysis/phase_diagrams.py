@@ -17,6 +17,8 @@ from jobflow import Maker, job
 from pydantic import BaseModel, Field
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 
+from cscflow.analysis.plotting import pyplot, save_figure
+
 __all__ = [
     "PhaseDiagramMaker",
     "PhaseDiagramSummary",
@@ -133,9 +135,9 @@ def _draw(ax, pd: PhaseDiagram, elements, candidates_meta: dict[str, float] | No
     """pymatgen's PDPlotter draws the hull (tie lines, stable nodes, triangle/energy axes);
     on top: candidates coloured by E_hull, new stable phases as stars, displaced references
     (PDPlotter colours neither by our E_hull nor marks 'new' vs 'displaced')."""
-    import matplotlib.pyplot as plt
     from pymatgen.analysis.phase_diagram import PDPlotter
 
+    plt = pyplot()
     binary = len(elements) == 2
     plotter = PDPlotter(pd, show_unstable=0, backend="matplotlib",
                         markerfacecolor="k", markersize=5, linewidth=0.8)
@@ -194,10 +196,7 @@ def plot_phase_diagrams(
     metastable_threshold: float = 0.1,
 ) -> tuple[Path, PhaseDiagramSummary]:
     """Two panels (references | references + S.U.N.) saved as PNG; returns (path, summary)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary, pd_ref, pd_all = compare_hulls(references, candidates, sun_only, metastable_threshold)
     if len(summary.elements) > 3:
@@ -211,11 +210,7 @@ def plot_phase_diagrams(
     if sc is not None:
         fig.colorbar(sc, ax=axes[1], shrink=0.7, label="E_hull (eV/atom)")
     fig.set_size_inches(11, 5)  # PDPlotter resizes the figure for a single panel
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, path, dpi=120)
     summary.figures = [str(path)]
     return path, summary
 

@@ -17,12 +17,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """tight_layout, save at 110 dpi (parents created), close; returns the path."""
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """tight_layout, save at `dpi` (parents created), close; returns the path."""
     plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

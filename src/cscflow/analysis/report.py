@@ -27,9 +27,9 @@ from typing import Any
 from jobflow import Maker, job
 
 from cscflow.analysis.parity import parity_predictions
-from cscflow.analysis.report_html import HtmlCell, ReportOutput, Section, add_figure, render_page, table
-from cscflow.analysis.run_data import DOWNSTREAM_STAGES, RunData, load_run_data, stage_field
-from cscflow.schemas import Candidate
+from cscflow.analysis.report_html import HtmlCell, ReportOutput, Section, add_figure, render_page, report_dir, table
+from cscflow.analysis.run_data import DOWNSTREAM_STAGES, RunData, load_run_data
+from cscflow.schemas import Candidate, field_of
 
 __all__ = ["ReportMaker", "write_report"]
 
@@ -141,7 +141,7 @@ def _train_rows(data: RunData) -> list[dict]:
     rows = []
     for k in sorted(k for k, s in data.outputs if s == "train"):
         t = data.output(k, "train")
-        rows.append({"iteration": k, **{a: stage_field(t, a) for a in (
+        rows.append({"iteration": k, **{a: field_of(t, a) for a in (
             "n_train", "n_test", "energy_rmse", "force_rmse", "model_path", "test_frame_ids", "start_from")}})
     return rows
 
@@ -408,9 +408,7 @@ def write_report(
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     data = load_run_data(run_dir)
-    out = Path(out_dir) if out_dir is not None else data.run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
+    out = report_dir(run_dir, out_dir)
     rows = _iteration_rows(data)
     train_rows = _train_rows(data)
     sections = [

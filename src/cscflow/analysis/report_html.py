@@ -5,8 +5,10 @@ Shared by the exploration report and the CHGGen report.
 
 from __future__ import annotations
 
+import errno
 import html
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-__all__ = ["HtmlCell", "ReportOutput", "Section", "add_figure", "render_page", "table"]
+__all__ = ["HtmlCell", "ReportOutput", "Section", "add_figure", "render_page", "report_dir", "table"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,26 @@ def table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "\n".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>'
+
+
+def report_dir(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """`out_dir` (default RUN_DIR/report) with its figures/ folder, created before any work; one
+    RunError line when it cannot be written (a read-only run directory needs --out)."""
+    from cscflow.runner import RunError
+
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        denied = not (os.access(out, os.W_OK) and os.access(out / "figures", os.W_OK))
+        problem = None
+    except OSError as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        problem = exc.strerror or type(exc).__name__
+    if not denied and problem is None:
+        return out
+    if out_dir is None and denied:
+        raise RunError(f"{run_dir} is read-only: pass --out DIR")
+    raise RunError(f"{out}: cannot write the report ({problem or 'read-only'}): pass another --out DIR")
 
 
 def add_figure(section: Section, out: Path, name: str, caption: str, draw: Callable[[Path], Any]) -> Any:

@@ -14,23 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from cscflow.config import ExplorationSpec
-from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry
-from cscflow.structure_store import as_documents, load_candidates, load_frames
+from cscflow.schemas import Candidate, Frame, IterationDocument, LoopState, ReferenceEntry, field_of, flatten_documents
+from cscflow.structure_store import load_candidates, load_frames
 
-__all__ = ["DOWNSTREAM_STAGES", "RunData", "load_run_data", "stage_field"]
+__all__ = ["DOWNSTREAM_STAGES", "RunData", "load_run_data"]
 
 logger = logging.getLogger(__name__)
 
 DOWNSTREAM_STAGES = ("qha", "conductivity")
-
-
-def stage_field(obj: Any, name: str, default=None):
-    """Attribute of a stage output, whether decoded into its pydantic model or left a dict."""
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 @dataclass
@@ -56,26 +47,26 @@ class RunData:
         return self.outputs.get((k, stage))
 
     def references(self) -> list[ReferenceEntry]:
-        return as_documents(ReferenceEntry, stage_field(self.output(0, "references"), "references", []))
+        return flatten_documents(field_of(self.output(0, "references"), "references", []), ReferenceEntry)
 
     def candidates(self, k: int) -> tuple[list[Candidate], str | None]:
         """The most processed candidates of iteration k (score > relax > generate) and their stage."""
         order = ("references", "relax") if k == 0 else ("score", "relax", "generate")
         for stage in order:
             out = self.output(k, stage)
-            if out is not None and stage_field(out, "candidates") is not None:
-                return load_candidates(stage_field(out, "candidates"), self.store), stage
+            if out is not None and field_of(out, "candidates") is not None:
+                return load_candidates(field_of(out, "candidates"), self.store), stage
         return [], None
 
     def scored(self) -> dict[int, list[Candidate]]:
-        return {k: load_candidates(stage_field(self.output(k, "score"), "candidates", []), self.store)
+        return {k: load_candidates(field_of(self.output(k, "score"), "candidates", []), self.store)
                 for k in self.iterations if self.output(k, "score") is not None}
 
     def selected(self, k: int) -> list[Candidate]:
-        return load_candidates(stage_field(self.output(k, "select"), "selected", []), self.store)
+        return load_candidates(field_of(self.output(k, "select"), "selected", []), self.store)
 
     def frames(self, k: int) -> list[Frame]:
-        return load_frames(stage_field(self.output(k, "label"), "frames", []), self.store)
+        return load_frames(field_of(self.output(k, "label"), "frames", []), self.store)
 
     def all_frames(self) -> list[Frame]:
         return [f for k in sorted({k for k, s in self.outputs if s == "label"}) for f in self.frames(k)]
@@ -91,7 +82,7 @@ class RunData:
         triggers = sorted(k for k, s in self.outputs if s == "trigger")
         for k in reversed(triggers):
             out = self.output(k, "trigger")
-            if stage_field(out, "converged"):
+            if field_of(out, "converged"):
                 return out if isinstance(out, LoopState) else LoopState.model_validate(
                     {a: b for a, b in dict(out).items() if not a.startswith("@")})
         return None
@@ -101,7 +92,7 @@ def load_run_data(run_dir: str | Path) -> RunData:
     """Read the newest finished document of every stage of the run in `run_dir`."""
     from monty.json import MontyDecoder
 
-    from cscflow.runner import load_run
+    from cscflow.runner import latest_by_stage, load_run
     from cscflow.stores import build_job_store
 
     run_dir = Path(run_dir).resolve()
@@ -109,24 +100,17 @@ def load_run_data(run_dir: str | Path) -> RunData:
     store = build_job_store(spec.store, run_dir)
     store.connect()
     try:
-        docs = list(store.query({"metadata.run_id": run_id, "output": {"$ne": None}},
-                                properties=["uuid", "metadata", "completed_at", "output"], load=True))
+        raw = latest_by_stage(store, run_id, load=True)
         # a stage that fanned out (relax shards, DFT labelling) stored a reference to its
         # collect job's output: read the output itself
         from jobflow.core.reference import find_and_resolve_references
 
-        for doc in docs:
+        for doc in raw.values():
             if "OutputReference" in str(doc.get("output"))[:200]:
                 doc["output"] = find_and_resolve_references(doc["output"], store)
     finally:
         store.close()
     data = RunData(run_dir=run_dir, run_id=run_id, spec=spec, store=store)
-    raw: dict[tuple[int, str], dict] = {}
-    for doc in docs:
-        meta = doc.get("metadata") or {}
-        key = (int(meta.get("iteration", -1)), str(meta.get("stage")))
-        if key not in raw or str(doc.get("completed_at")) > str(raw[key].get("completed_at")):
-            raw[key] = doc
     decoder = MontyDecoder()
     for key, doc in raw.items():
         try:

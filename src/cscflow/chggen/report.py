@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cscflow.analysis.plotting import pyplot, save_figure
-from cscflow.analysis.report_html import ReportOutput, Section, add_figure, render_page, table
+from cscflow.analysis.report_html import ReportOutput, Section, add_figure, render_page, report_dir, table
 from cscflow.chggen.settings import is_chggen_spec, read_spec_mapping
 
 __all__ = ["is_chggen_run", "load_chggen_report", "write_chggen_report"]
@@ -157,8 +157,7 @@ def write_chggen_report(run_dir: str | Path, out_dir: str | Path | None = None) 
     start = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     report = load_chggen_report(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    out = report_dir(run_dir, out_dir)
 
     summary = Section("overview", "CHGGen: symmetry success and funnel")
     rows = []

@@ -125,44 +125,19 @@ def as_items(inputs: Any) -> list[Item]:
 
 
 def resolve_calculator(forcefield: ForceFieldSettings | None = None, model_path: str | Path | None = None) -> Calculator:
-    """The ASE calculator of the configured force field (``cscflow.forcefields`` when present)."""
+    """``cscflow.forcefields.get_calculator`` with the default force field when none is given."""
     from cscflow.config import ForceFieldSettings
+    from cscflow.forcefields import get_calculator
 
-    forcefield = forcefield or ForceFieldSettings()
-    try:
-        from cscflow.forcefields import get_calculator
-    except ImportError:  # module not written yet: the two backends the loop ships with
-        get_calculator = None
-    if get_calculator is not None:
-        return get_calculator(forcefield, model_path)
-    path = model_path or forcefield.model_path
-    if path is not None or forcefield.backend == "deepmd":
-        from deepmd.calculator import DP
-
-        return DP(model=str(path))
-    if forcefield.backend == "chgnet":
-        from chgnet.model import CHGNet
-        from chgnet.model.dynamics import CHGNetCalculator
-
-        model = CHGNet.load(model_name=forcefield.chgnet_version, verbose=False)
-        return CHGNetCalculator(model=model, use_device=forcefield.device)
-    raise ValueError(f"force field backend {forcefield.backend!r} needs cscflow.forcefields")
+    return get_calculator(forcefield or ForceFieldSettings(), model_path)
 
 
 def resolve_model_tag(forcefield: ForceFieldSettings | None = None, model_path: str | Path | None = None) -> str:
-    """A short name of the force field for the documents (``cscflow.forcefields.model_tag``)."""
+    """``cscflow.forcefields.model_tag`` with the default force field when none is given."""
     from cscflow.config import ForceFieldSettings
+    from cscflow.forcefields import model_tag
 
-    forcefield = forcefield or ForceFieldSettings()
-    try:
-        from cscflow.forcefields import model_tag
-
-        return model_tag(forcefield, model_path)
-    except ImportError:
-        path = model_path or forcefield.model_path
-        if path is not None:
-            return f"deepmd:{Path(path).name}"
-        return f"{forcefield.backend}-{forcefield.chgnet_version}"
+    return model_tag(forcefield or ForceFieldSettings(), model_path)
 
 
 def settings_calculator(**kwargs) -> Calculator:

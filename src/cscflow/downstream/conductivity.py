@@ -25,6 +25,7 @@ from jobflow import Maker, job
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymatgen.core import Structure
 
+from cscflow.analysis.plotting import pyplot, save_figure
 from cscflow.config import ForceFieldSettings
 from cscflow.downstream import Item, as_items, isotropic_supercell_matrix, resolve_calculator, resolve_model_tag
 
@@ -364,10 +365,7 @@ def candidate_table(results: list[ConductivityResult], only_conductors: bool = T
 
 def plot_msd(results: list[ConductivityResult], path: str | Path, element: str = "Li") -> Path:
     """MSD of `element` vs time for every simulated structure (paper Fig. 6b-c)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for r in results:
@@ -379,12 +377,7 @@ def plot_msd(results: list[ConductivityResult], path: str | Path, element: str =
     ax.set_ylabel(f"{element} MSD (Å$^2$)")
     if ax.lines:
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=150)
 
 
 def write_conductivity_report(output: ConductivityOutput, directory: str | Path) -> dict[str, Path]:

@@ -35,6 +35,7 @@ from jobflow import Maker, job
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymatgen.core import Structure
 
+from cscflow.analysis.plotting import pyplot, save_figure
 from cscflow.config import ForceFieldSettings
 from cscflow.downstream import Item, as_items, isotropic_supercell_matrix, resolve_calculator, resolve_model_tag
 
@@ -362,10 +363,7 @@ def _condition_label(t: float, p: float) -> str:
 
 def plot_gibbs_hull(rows: list[dict], path: str | Path, title: str = "", window: float = 0.1) -> Path:
     """Fig. 5 style: stable phases green dots, metastable (< window) triangles in reds by E_hull."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     elements = sorted(rows[0]["fractions"])
     fig, ax = plt.subplots(figsize=(5, 4.4))
@@ -408,12 +406,7 @@ def plot_gibbs_hull(rows: list[dict], path: str | Path, title: str = "", window:
             ax.annotate(r["formula"], p if len(elements) == 3 else (p[0], 0.0), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=150)
 
 
 def write_qha_report(output: QhaOutput, directory: str | Path) -> dict[str, Path]:

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from cscflow.analysis.mlff_compare import load_training_overrides, run_compare
 from cscflow.cli import main
 from cscflow.runner import explore
+from dbserver import require_server_executable
 from test_dispatch import BIN, _env
 from test_dispatch import TINY as DISPATCH_TINY
 from test_loop import TINY
@@ -155,3 +156,35 @@ def test_training_overrides_merge_per_family_and_fail_in_one_line(small_run, tmp
     out = CliRunner().invoke(main, ["compare-mlff", str(small_run), "--backends", "mace", "--n-train", "2",
                                     "--train-iterations-max", "0", "--training", str(bad)])
     assert out.exit_code == 2 and "training.mace.num_chanels" in out.output and "Traceback" not in out.output
+
+
+def test_submit_local_runs_the_whole_comparison_with_one_worker(small_run):
+    """--submit --local: the LaunchPad on the run's own server; one rlaunch worker taking both
+    categories runs loader -> CHGNet training -> report, which draws Fig. 3a into the run."""
+    require_server_executable()
+    out = CliRunner().invoke(main, ["compare-mlff", str(small_run), "--backends", "chgnet", "--n-train", "3",
+                                    "--train-iterations-max", "0", "--epochs", "1", "--submit", "--local"])
+    try:
+        assert out.exit_code == 0, out.output
+        assert "3 Fireworks" in out.output and "rlaunch -w" in out.output
+        env = dict(line.removeprefix("export ").split("=", 1)
+                   for line in (small_run / "worker_env.sh").read_text().splitlines() if line.startswith("export "))
+        assert set(env) == {"FW_CONFIG_FILE", "JOBFLOW_CONFIG_FILE"}
+        worker = small_run / "fireworks" / "test_both.yaml"
+        worker.write_text(yaml.safe_dump({"name": "both", "category": ["cpu", "gpu"], "query": "{}"}))
+        ran = subprocess.run([str(BIN / "rlaunch"), "-w", str(worker), "rapidfire", "--nlaunches", "3"],
+                             cwd=small_run / "jobs", env=_env(**env), capture_output=True, text=True, timeout=600)
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+        lp = yaml.safe_load((small_run / "fireworks" / "my_launchpad.yaml").read_text())
+        import pymongo
+
+        db = pymongo.MongoClient(lp["host"], lp["port"], serverSelectionTimeoutMS=20000)[lp["name"]]
+        states = {fw["name"]: fw["state"] for fw in db.fireworks.find({}, {"name": 1, "state": 1})}
+        assert states == {"mlff_compare frames": "COMPLETED", "mlff_compare chgnet n3": "COMPLETED",
+                          "mlff_compare report": "COMPLETED"}, ran.stdout[-3000:] + ran.stderr[-3000:]
+        metrics = json.loads((small_run / "mlff_compare" / "metrics.json").read_text())
+        assert metrics["curves"] == {"chgnet": [3]} and metrics["rows"][0]["energy_rmse"] is not None
+        assert metrics["untuned"]["chgnet"]["model"] == "chgnet:0.3.0"
+        assert Path(metrics["figure"]).stat().st_size > 10_000
+    finally:
+        CliRunner().invoke(main, ["server", "stop", str(small_run)])

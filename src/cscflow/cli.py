@@ -164,7 +164,9 @@ def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs, train
     click.echo(f"{len(plan.backends)} families x N_train {plan.sizes} on {len(plan.ranked)} ranked frames; "
                f"test set {len(plan.test)} frames")
     if sub.local:
-        click.echo("start the workers (Ctrl-C them when the report job is COMPLETED):")
+        embedded = not plan.data.spec.store.uri
+        click.echo("start the workers (Ctrl-C them when the report job is COMPLETED)"
+                   + (", one at a time (the run's embedded store takes one worker):" if embedded else ":"))
         for line in local_worker_commands(sub.run_dir):
             click.echo(f"  {line}")
     elif sub.worker_env:

@@ -180,7 +180,8 @@ def load_training_overrides(path: str | Path) -> dict:
         raise SpecError(f"--training: {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"--training: {path} must be a YAML mapping of training settings")
-    raw = raw.get("training", raw)  # a spec-like file with a `training:` block works too
+    if isinstance(raw.get("training"), dict):  # a spec-like file with a `training:` block works too
+        raw = raw["training"]
     for keys in _FILE_KEYS:
         node = raw
         for key in keys[:-1]:

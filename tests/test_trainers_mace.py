@@ -43,7 +43,7 @@ def test_mace_scratch_cycle(frames, tmp_path):
     assert f"--foundation_model={out.model_path}" in (Path(again_out.work_dir) / "mace_args.txt").read_text()
 
 
-@pytest.mark.slow  # ~60 s: a tiny foundation model, then a multihead fine-tune from it
+@pytest.mark.slow  # ~30 s: a tiny foundation model, then a multihead fine-tune from it
 def test_mace_multihead_fine_tune_from_a_foundation_file(frames, tmp_path):
     """training.mace.foundation_model + multiheads_finetuning: mace keeps a pt_head on the replay
     data (a plain-keys extxyz, as replay selections are written) and fine-tunes the Default head."""

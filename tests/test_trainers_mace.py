@@ -41,3 +41,49 @@ def test_mace_scratch_cycle(frames, tmp_path):
     out, again_out, _, _ = check_cycle("mace", first, again, frames, tmp_path)
     assert out.start_from == "scratch"
     assert f"--foundation_model={out.model_path}" in (Path(again_out.work_dir) / "mace_args.txt").read_text()
+
+
+@pytest.mark.slow  # ~30 s: a tiny foundation model, then a multihead fine-tune from it
+def test_mace_multihead_fine_tune_from_a_foundation_file(frames, tmp_path):
+    """training.mace.foundation_model + multiheads_finetuning: mace keeps a pt_head on the replay
+    data (a plain-keys extxyz, as replay selections are written) and fine-tunes the Default head."""
+    import torch
+
+    from cscflow.datasets import frames_to_extxyz
+    from cscflow.forcefields import get_calculator
+    from cscflow.config import ForceFieldSettings
+    from cscflow.trainers import evaluate_model, get_trainer
+
+    trainer = get_trainer("mace")
+    # every structure on both sides, so that the foundation's E0s (which the new head keeps) know every element
+    found, tune = frames[::2], frames[1::2]
+    base = trainer.train(found, tmp_path / "found", TrainingSettings(
+        backend="mace", device="cpu", mace={**TINY, "epochs": 2}), ["Li", "P", "S"])
+    replay = frames_to_extxyz(found, tmp_path / "replay.extxyz")  # energy/forces/stress in ASE's calculator
+    settings = TrainingSettings(backend="mace", device="cpu", mace={
+        **TINY, "epochs": 40, "energy_weight": 10.0, "forces_weight": 100.0,
+        "foundation_model": base.model_path, "multiheads_finetuning": True,
+        "replay_file": str(replay), "num_replay_samples": 12})
+    before = evaluate_model(base.model_path, tune)
+    out = trainer.train(tune, tmp_path / "ft", settings, ["Li", "P", "S"])
+    assert out.start_from == f"pretrained:{base.model_path}"
+    args = (Path(out.work_dir) / "mace_args.txt").read_text()
+    assert "--multiheads_finetuning=True" in args and "--force_mh_ft_lr=True" in args and "--lr=0.005" in args
+    assert "Using heads: ['Default', 'pt_head']" in (Path(out.work_dir) / "mace.out").read_text()
+    model = torch.load(out.model_path, map_location="cpu", weights_only=False)
+    assert sorted(model.heads) == ["Default", "pt_head"]
+    assert get_calculator(ForceFieldSettings(), out.model_path).head == "Default"  # the fine-tuned head
+    after = evaluate_model(out.model_path, tune)
+    assert after["force_rmse"] < before["force_rmse"] and after["energy_rmse"] < before["energy_rmse"], (before, after)
+
+
+def test_replay_without_labels_is_one_clear_error(tmp_path):
+    from ase.build import bulk
+    from ase.io import write
+
+    from cscflow.trainers import TrainError
+    from cscflow.trainers.mace import replay_extxyz
+
+    write(tmp_path / "r.extxyz", [bulk("Li")], format="extxyz")
+    with pytest.raises(TrainError, match="training.mace.replay_file needs both"):
+        replay_extxyz(tmp_path / "r.extxyz", tmp_path / "out.extxyz")

@@ -129,10 +129,19 @@ def downstream(run_dir, only, quick, model, max_structures):
 @click.option("--train-iterations-max", type=int, default=None,
               help="Iterations 0..K form the training pool (default: the spec's training.train_iterations_max).")
 @click.option("--epochs", type=int, default=None, help="Override every family's training length (quick looks).")
+@click.option("--training", "training_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML of training settings laid over the run's (e.g. per-family sizes: mace: {num_channels: 8}).")
+@click.option("--submit", "submit_jobs", is_flag=True,
+              help="Add the trainings to a FireWorks LaunchPad (GPU category) instead of running them here.")
+@click.option("--launchpad", "-l", type=click.Path(dir_okay=False), default=None,
+              help="With --submit: LaunchPad YAML (default: FireWorks' lookup).")
+@click.option("--local", is_flag=True, help="With --submit: the LaunchPad on the run's local server (laptop mode).")
 @user_errors
-def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs):
+def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs, training_file, submit_jobs, launchpad,
+                 local):
     """Train MLFF families on the same entropy-ranked frames of a run; Fig. 3a + parity plots."""
-    from cscflow.analysis.mlff_compare import format_table, run_compare
+    from cscflow.analysis.mlff_compare import format_table, load_training_overrides, run_compare, submit_compare
+    from cscflow.dispatch import local_worker_commands
     from cscflow.runner import RunError
 
     configure_logging()
@@ -140,10 +149,30 @@ def compare_mlff(run_dir, backends, n_train, train_iterations_max, epochs):
         sizes = [int(x) for x in n_train.split(",") if x.strip()]
     except ValueError:
         raise RunError(f"--n-train must be comma-separated integers, got {n_train!r}") from None
+    if (launchpad or local) and not submit_jobs:
+        raise RunError("--launchpad and --local go with --submit")
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    result = run_compare(run_dir, backends=names, n_train=sizes, train_iterations_max=train_iterations_max,
-                         epochs=epochs)
-    click.echo(format_table(result))
+    training = load_training_overrides(training_file) if training_file else None
+    request = dict(backends=names, n_train=sizes, train_iterations_max=train_iterations_max, epochs=epochs,
+                   training=training)
+    if not submit_jobs:
+        click.echo(format_table(run_compare(run_dir, **request)))
+        return
+    sub, plan = submit_compare(run_dir, launchpad=launchpad, local=local, **request)
+    cats = ", ".join(f"{k}: {v}" for k, v in sorted(sub.categories.items()))
+    click.echo(f"submitted {sub.workflow_name}: {len(sub.fw_ids)} Fireworks ({cats}) to {sub.launchpad}")
+    click.echo(f"{len(plan.backends)} families x N_train {plan.sizes} on {len(plan.ranked)} ranked frames; "
+               f"test set {len(plan.test)} frames")
+    if sub.local:
+        embedded = not plan.data.spec.store.uri
+        click.echo("start the workers (Ctrl-C them when the report job is COMPLETED)"
+                   + (", one at a time (the run's embedded store takes one worker):" if embedded else ":"))
+        for line in local_worker_commands(sub.run_dir):
+            click.echo(f"  {line}")
+    elif sub.worker_env:
+        click.echo(f"workers need: source {sub.run_dir / 'worker_env.sh'}   (embedded store: one worker at a time)")
+    click.echo(f"then the table: cscflow compare-mlff {run_dir} with the same options, without --submit "
+               "(reuses the stored trainings)")
 
 
 def _register_optional_commands():

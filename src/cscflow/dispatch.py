@@ -36,6 +36,7 @@ __all__ = [
     "read_launchpad_file",
     "local_worker_commands",
     "submit",
+    "submit_flow",
     "workflow_for_run",
     "write_local_configs",
     "write_worker_jobflow_config",
@@ -326,5 +327,42 @@ def submit(
         categories=dict(Counter(str(fw.spec.get("_category")) for fw in wf.fws)),
         launchpad=where,
         local=local,
+        worker_env=env,
+    )
+
+
+def submit_flow(flow, spec: ExplorationSpec, run_id: str, run_dir: str | Path, launchpad: str | Path | None = None,
+                local: bool = False) -> Submission:
+    """Add a further Flow of an existing run (e.g. ``cscflow compare-mlff --submit``) to a LaunchPad.
+
+    Workers store into the run's own JobStore: with ``local`` the run's local server holds the
+    LaunchPad (started if the run has none; a run made by ``cscflow explore`` keeps its embedded
+    store, so one worker at a time), otherwise ``launchpad`` (or FireWorks' lookup) does."""
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    run_dir = Path(run_dir).resolve()
+    if local and launchpad is not None:
+        raise DispatchError("--local and --launchpad exclude each other")
+    env: dict[str, str] = {}
+    if local:
+        server = _start_local_server(run_dir)
+        files = write_local_configs(spec, run_dir, server.host, server.port)
+        launchpad = files["launchpad"]
+        env["FW_CONFIG_FILE"] = str(files["fw_config"])
+    (run_dir / "jobs").mkdir(exist_ok=True)
+    jobflow_config = write_worker_jobflow_config(spec, run_dir, force=local)
+    if jobflow_config is not None:
+        env["JOBFLOW_CONFIG_FILE"] = str(jobflow_config)
+    lp = connect_launchpad(launchpad, timeout_ms=spec.store.timeout_ms)
+    where = describe_launchpad(read_launchpad_file(launchpad or _default_launchpad_file()))
+    if local and lp.fw_id_assigner.count_documents({}) == 0:
+        lp.reset("", require_password=False)  # a fresh server: create FireWorks' id counters
+    wf = flow_to_workflow(flow, store=None, name=f"{flow.name} ({spec.name})", metadata={"cscflow_run_id": run_id})
+    id_map = lp.add_wf(wf)
+    lp.connection.close()
+    _write_env_file(run_dir, env)
+    return Submission(
+        run_id=run_id, run_dir=run_dir, workflow_name=wf.name, fw_ids=sorted(id_map.values()),
+        categories=dict(Counter(str(fw.spec.get("_category")) for fw in wf.fws)), launchpad=where, local=local,
         worker_env=env,
     )

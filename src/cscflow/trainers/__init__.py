@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from cscflow.trainers.base import TrainedModel, Trainer, TrainError, evaluate_model, start_point
+from cscflow.trainers.base import TrainedModel, Trainer, TrainError, count_parameters, evaluate_model, start_point
 
-__all__ = ["BACKENDS", "TrainError", "TrainedModel", "Trainer", "evaluate_model", "get_trainer", "start_point"]
+__all__ = [
+    "BACKENDS", "TrainError", "TrainedModel", "Trainer", "count_parameters", "evaluate_model", "get_trainer",
+    "start_point",
+]
 
 BACKENDS = {
     "deepmd": ("cscflow.trainers.deepmd", "DeepMDTrainer"),

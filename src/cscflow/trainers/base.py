@@ -27,6 +27,7 @@ __all__ = [
     "TrainError",
     "TrainedModel",
     "Trainer",
+    "count_parameters",
     "evaluate_model",
     "start_point",
 ]
@@ -117,6 +118,33 @@ class Trainer(ABC):
     ) -> TrainedModel: ...
 
 
+def count_parameters(calculator) -> int | None:
+    """Trainable-size of the torch model(s) behind an ASE calculator (every family's calculator
+    holds its torch modules a few attributes deep); None when none is found."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - every backend needs torch
+        return None
+    params: dict[int, int] = {}
+    seen: set[int] = set()
+
+    def walk(obj, depth: int) -> None:
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            params.update((id(p), p.numel()) for p in obj.parameters())
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    walk(calculator, 0)
+    return sum(params.values()) or None
+
+
 def _stress_rmse(pred: list[np.ndarray], ref: list) -> float | None:
     pairs = [(p, np.asarray(r, dtype=float)) for p, r in zip(pred, ref, strict=True) if r is not None]
     if not pairs:
@@ -135,7 +163,7 @@ def evaluate_model(
     The model is loaded by ``forcefields.get_calculator`` (family read from the file;
     ``model_path=None``: the model `forcefield` names, e.g. a wheel's pretrained) and
     evaluated with ``forcefields.single_points``: one code path for every backend.
-    With ``predictions`` the per-frame energies per atom and all force components
+    ``n_parameters``: the model's size (:func:`count_parameters`). With ``predictions`` the per-frame energies per atom and all force components
     (predicted and labelled) come back too, for parity plots.
     """
     from cscflow.datasets import flatten_frames
@@ -156,6 +184,7 @@ def evaluate_model(
         "force_rmse": float(np.sqrt(np.mean(np.square(f_pred - f_ref)))),
         "stress_rmse": _stress_rmse([np.asarray(r["stress"]) for r in results], [f.stress for f in frames]),
         "n": len(frames),
+        "n_parameters": count_parameters(calculator),
     }
     if predictions:
         out.update(

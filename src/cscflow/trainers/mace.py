@@ -6,7 +6,11 @@ of SWA ("stage two") at lr 1e-3; 5 % validation; r_max 5 Å. A fine-tune passes 
 start model as ``--foundation_model FILE`` (training.mace.foundation_model, e.g. MACE-MPA-0-medium,
 or the previous run's exported model); MACE-MPA-0's multihead fine-tuning keeps the
 foundation head on local replay data (``training.mace.replay_file``), nothing is
-downloaded. The exported ``.model`` (the stage-two model when SWA ran) is what
+downloaded. mace reads the replay head with the fine-tune data's label keys, so the
+replay file is rewritten with cscflow's ``REF_`` keys (:func:`replay_extxyz`), and
+``--force_mh_ft_lr=True`` keeps ``training.mace.lr``/``ema_decay`` (mace's multihead mode
+would otherwise replace them by 1e-4 and 0.99999). The exported model then has two heads,
+``Default`` (the fine-tuned one, which ``MACECalculator`` picks) and ``pt_head``. The exported ``.model`` (the stage-two model when SWA ran) is what
 ``MACECalculator`` (and so ``cscflow.forcefields``) loads and what a later run
 fine-tunes from.
 """
@@ -26,7 +30,7 @@ from cscflow.forcefields import resolve_device
 from cscflow.schemas import Frame
 from cscflow.trainers.base import TrainedModel, Trainer, TrainError, start_point
 
-__all__ = ["MACETrainer", "make_args"]
+__all__ = ["MACETrainer", "make_args", "replay_extxyz"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,43 @@ MODEL_FILE = "mace_model.model"
 KEY = "REF_"  # label keys of the extxyz, so ASE's calculator fields never shadow them
 
 
-def make_args(settings: TrainingSettings, train_file: Path, foundation: str | None, seed: int, device: str) -> list[str]:
-    """Command-line arguments of ``mace_run_train`` for this run."""
+def replay_extxyz(source: str | Path, out: str | Path) -> Path:
+    """The replay configurations of ``training.mace.replay_file`` with their labels under the
+    ``REF_`` keys of the fine-tune data: mace reads the pretraining head with the same keys.
+    Labels are taken from ``REF_*`` keys as they are, else from ASE's calculator results
+    (an extxyz with ``energy``/``forces``/``stress``, as mace's replay selections write)."""
+    from ase.io import read, write
+
+    images = read(Path(source), index=":")
+    out_images = []
+    for i, atoms in enumerate(images):
+        if f"{KEY}energy" in atoms.info:
+            out_images.append(atoms)
+            continue
+        results = dict(atoms.calc.results) if atoms.calc is not None else {}
+        results.update({k: atoms.info[k] for k in ("energy", "stress") if k in atoms.info})
+        if "forces" in atoms.arrays:
+            results["forces"] = atoms.arrays["forces"]
+        if "energy" not in results or "forces" not in results:
+            raise TrainError(f"{source}: configuration {i} has no energy and forces labels "
+                             "(training.mace.replay_file needs both)")
+        clean = atoms.copy()
+        clean.calc = None
+        clean.info = {k: v for k, v in atoms.info.items() if k not in ("energy", "stress")}
+        clean.info[f"{KEY}energy"] = float(results["energy"])
+        clean.arrays[f"{KEY}forces"] = results["forces"]
+        if "stress" in results:
+            clean.info[f"{KEY}stress"] = results["stress"]
+        out_images.append(clean)
+    out = Path(out)
+    write(out, out_images, format="extxyz")
+    return out.resolve()
+
+
+def make_args(settings: TrainingSettings, train_file: Path, foundation: str | None, seed: int, device: str,
+              replay_file: Path | None = None) -> list[str]:
+    """Command-line arguments of ``mace_run_train`` for this run (`replay_file`: the rewritten
+    replay data, default ``training.mace.replay_file``)."""
     m = settings.mace
     total = m.epochs + m.swa_epochs
     args = [
@@ -57,7 +96,8 @@ def make_args(settings: TrainingSettings, train_file: Path, foundation: str | No
                  f"--num_interactions={m.num_interactions}", f"--correlation={m.correlation}", "--E0s=average"]
     elif m.multiheads_finetuning:
         args += [f"--foundation_model={foundation}", "--multiheads_finetuning=True", "--E0s=foundation",
-                 f"--pt_train_file={m.replay_file}", f"--num_samples_pt={m.num_replay_samples}"]
+                 f"--pt_train_file={replay_file or m.replay_file}", f"--num_samples_pt={m.num_replay_samples}",
+                 "--force_mh_ft_lr=True"]
     else:
         args += [f"--foundation_model={foundation}", "--multiheads_finetuning=False", "--E0s=average"]
     return args
@@ -72,7 +112,10 @@ class MACETrainer(Trainer):
         if exe is None:
             raise TrainError("mace_run_train is not installed: scripts/bootstrap --with mace")
         train_file = frames_to_extxyz(frames, work_dir / "train.extxyz", key_prefix=KEY)
-        args = make_args(settings, train_file, start.source, seed, resolve_device(settings.device))
+        replay = None
+        if start.source is not None and settings.mace.multiheads_finetuning:
+            replay = replay_extxyz(settings.mace.replay_file, work_dir / "replay.extxyz")
+        args = make_args(settings, train_file, start.source, seed, resolve_device(settings.device), replay)
         (work_dir / "mace_args.txt").write_text("\n".join(args) + "\n")
         for stale in [*work_dir.glob(f"{NAME}*.model"), *work_dir.glob("checkpoints/*")]:  # an interrupted attempt
             stale.unlink()

@@ -212,6 +212,9 @@ class ScoreSettings(_Settings):
     """E_hull against the reference hull and the S.U.N. flags (paper Methods 4.1)."""
 
     stability_threshold: float = Field(0.1, description="E_hull < this is 'stable' (eV/atom)")
+    reevaluate_shard_size: int = Field(
+        2048, ge=1, description="structures per re-evaluation job when the force field changed"
+    )
     ltol: float = 0.2
     stol: float = 0.3
     angle_tol: float = 5.0
@@ -518,7 +521,7 @@ class StoreSettings(_Settings):
 
 
 def _default_categories() -> dict[str, str | None]:
-    gpu = ("generate", "relax", "train", "finetune_generator")
+    gpu = ("generate", "relax", "reevaluate", "train", "finetune_generator")
     cpu = ("references", "score", "select", "label", "evaluate", "trigger")
     return {**{s: "gpu" for s in gpu}, **{s: "cpu" for s in cpu}}
 
@@ -550,6 +553,8 @@ class DispatchSettings(_Settings):
         category = self.categories.get(stage)
         if category is None and stage == "link":  # link jobs run where the trigger runs
             category = self.categories.get("trigger")
+        if category is None and stage == "reevaluate":  # the relaxing model, on its workers
+            category = self.categories.get("relax")
         if category is None and stage not in self.categories and "_" in stage:
             parent, _, unit = stage.rpartition("_")
             if unit in FAN_OUT_UNITS:

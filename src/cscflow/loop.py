@@ -122,11 +122,21 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int, maker: Explo
     jobs["relax"] = RelaxShardMaker(relax_maker=maker.relax_maker).make(
         jobs["generate"].output.candidates, model_path=relax_model
     )
+    previous = links["candidates"][1] if "candidates" in links else []
+    after = None
+    if relax_model is not None:  # a new force field: references and earlier candidates re-evaluated, sharded
+        from cscflow.score import ReevaluateMaker
+
+        jobs["reevaluate"] = ReevaluateMaker(
+            forcefield=maker.score_maker.forcefield, shard_size=maker.score_maker.settings.reevaluate_shard_size
+        ).make(links["references"][1][0], previous, model_path=relax_model)
+        after = jobs["reevaluate"].output
     jobs["score"] = maker.score_maker.make(
         jobs["relax"].output.candidates,
         references=links["references"][1][0],
-        previous=links["candidates"][1] if "candidates" in links else [],
+        previous=previous,
         model_path=relax_model,
+        after=after,
     )
     jobs["select"] = maker.select_maker.make(
         jobs["score"].output.candidates, training_frames=old_frames, seed=spec.seed + k

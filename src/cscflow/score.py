@@ -59,7 +59,9 @@ from cscflow.structure_store import CandidateSet, load_candidates, save_candidat
 
 __all__ = [
     "MissingReferenceError",
+    "ReevaluateMaker",
     "ScoreMaker",
+    "reevaluate_energies",
     "ScoreOutput",
     "SunMatcher",
     "build_hull",
@@ -437,7 +439,10 @@ class ScoreMaker(Maker):
         references: list[ReferenceEntry],
         previous: list[CandidateSet] | list[list[Candidate]] = (),
         model_path: str | None = None,
+        after=None,
     ) -> ScoreOutput:
+        """`after`: only orders Score behind the re-evaluation (ReevaluateMaker) whose
+        energies it reads from the cache."""
         from jobflow import CURRENT_JOB
 
         from cscflow.forcefields import get_calculator, model_tag
@@ -457,3 +462,81 @@ class ScoreMaker(Maker):
             candidates, references, previous, settings=self.settings, model=tag, recompute=recompute,
             energy_cache=energy_cache,
         )
+
+
+def reevaluate_energies(items, tag: str, recompute: Recompute, energy_cache: EnergyCache | None) -> dict[str, int]:
+    """Energies under `tag` of the references / relaxed candidates in `items` whose energy came
+    from another model, computed once and stored in `energy_cache` (what Score then reads)."""
+    items = list(items)
+    refs = [r for r in items if isinstance(r, ReferenceEntry)]
+    cands = [c for c in load_candidates([i for i in items if not isinstance(i, ReferenceEntry)]) if _scorable(c)]
+    ids = [r.entry_id for r in refs if r.model != tag] + [c.id for c in cands if c.model != tag]
+    structures = [r.structure for r in refs if r.model != tag] + [c.structure for c in cands if c.model != tag]
+    if not ids:
+        return {"stale": 0, "computed": 0}
+    _, computed = energies_with_model(ids, structures, tag, recompute, energy_cache)
+    return {"stale": len(ids), "computed": computed}
+
+
+@job
+def reevaluate_shard(items, forcefield: ForceFieldSettings, model_path: str | None = None) -> dict[str, int]:
+    """Job: one shard of the re-evaluation (see :class:`ReevaluateMaker`)."""
+    from jobflow import CURRENT_JOB
+
+    from cscflow.forcefields import get_calculator, model_tag
+    from cscflow.threads import pinned
+
+    tag = model_tag(forcefield, model_path)
+    cache: dict[str, Recompute] = {}
+
+    def recompute(structures: list[Structure]) -> list[float]:
+        if "fn" not in cache:
+            cache["fn"] = calculator_recompute(get_calculator(forcefield, model_path))
+        return cache["fn"](structures)
+
+    with pinned():
+        return reevaluate_energies(items, tag, recompute, energy_cache_for(CURRENT_JOB.store))
+
+
+@job
+def collect_reevaluation(outputs: list) -> dict[str, int]:
+    return {"stale": sum(o["stale"] for o in outputs), "computed": sum(o["computed"] for o in outputs),
+            "shards": len(outputs)}
+
+
+@dataclass
+class ReevaluateMaker(Maker):
+    """Score's re-evaluation, fanned out: when the force field changed, the references and
+    every earlier candidate get their energy under the new model in shards of
+    ``shard_size`` structures (GPU workers, batched single points), stored once per
+    (structure, model) in the run's energy cache; Score then reads them
+    (``ScoreOutput.reused``) instead of computing ~6x10^4 single points in one CPU job."""
+
+    name: str = "reevaluate"
+    forcefield: ForceFieldSettings = field(default_factory=ForceFieldSettings)
+    shard_size: int = 2048
+
+    @job
+    @resumable
+    def make(self, references: list[ReferenceEntry], previous=(), model_path: str | None = None):
+        from jobflow import CURRENT_JOB, Flow, Response
+
+        from cscflow.checkpoint import KEY, stage_metadata
+        from cscflow.structure_store import merge_sets, shards
+
+        stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
+        meta = stage_metadata()
+        units: list = [list(references)] if references else []
+        if previous:
+            units += shards(merge_sets(previous), self.shard_size)
+        jobs = []
+        for i, unit in enumerate(units):
+            j = reevaluate_shard(unit, self.forcefield, model_path)
+            j.name = f"{self.name} {i + 1}/{len(units)}"
+            j.config.expose_store = True
+            j.metadata.update({**meta, "stage": "reevaluate_shard",
+                               **({KEY: f"{stage_key}/shard{i}"} if stage_key else {})})
+            jobs.append(j)
+        collect = collect_reevaluation([j.output for j in jobs])
+        collect.metadata.update({**meta, "stage": "reevaluate_collect"})
+        return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))

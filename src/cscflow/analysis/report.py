@@ -321,6 +321,8 @@ def _top_section(data: RunData, out: Path, top: int) -> Section:
         sec.missing.append("no scored candidates yet")
         return sec
     labelled = {f.provenance.candidate_id for f in data.all_frames()}
+    # Select writes its own documents; the scored ones keep selected=False
+    selected = {c.id for k in data.iterations for c in data.selected(k)}
     cands.sort(key=lambda c: (c.e_hull, c.id))
     (out / "structures").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -329,7 +331,7 @@ def _top_section(data: RunData, out: Path, top: int) -> Section:
         cif = f"structures/{rank:03d}_{c.formula}.cif"
         CifWriter(c.structure).write_file(out / cif)
         rows.append([rank, c.id, c.formula, len(c.structure), _spacegroup(c.structure), p.iteration,
-                     c.e_hull * 1000, c.is_stable, c.is_unique, c.is_novel, c.is_sun, c.selected,
+                     c.e_hull * 1000, c.is_stable, c.is_unique, c.is_novel, c.is_sun, c.selected or c.id in selected,
                      c.id in labelled, c.delta_entropy, p.generator, json.dumps(p.condition), p.parent,
                      p.sample_index, p.seed, c.model, HtmlCell(f'<a href="{cif}">cif</a>')])
     page_table = table(["#", "id", "formula", "atoms", "space group", "iter.", "E_hull (meV/atom)", "stable", "unique",

@@ -14,7 +14,8 @@ import bson
 import numpy as np
 import pytest
 
-from cscflow.config import ScoreSettings, SelectionSettings, StoreSettings
+from cscflow.config import ForceFieldSettings, ScoreSettings, SelectionSettings, StoreSettings
+from cscflow.forcefields import model_tag
 from cscflow.schemas import Candidate, Frame, Provenance, ReferenceEntry
 from cscflow.score import ScoreMaker
 from cscflow.select import SelectMaker
@@ -23,6 +24,8 @@ from cscflow.structure_store import CANDIDATES, FRAMES, collection_for
 
 N = 10_000
 LIMIT = 16 * 1024 * 1024
+# the stand-in energies carry the tag of Score's force field, so nothing is recomputed
+MODEL = model_tag(ForceFieldSettings())
 MU = {"Li": -1.90892, "P": -5.41330, "S": -4.13645}  # MP elemental references, eV/atom
 
 
@@ -33,12 +36,14 @@ def _energy(structure, rng):
 
 
 @pytest.mark.slow
-def test_paper_size_iteration_documents_fit(tmp_path, lips_structures):
+def test_paper_size_iteration_documents_fit(tmp_path, lips_structures, monkeypatch):
     from jobflow import Flow, run_locally
+
+    monkeypatch.chdir(tmp_path)
 
     rng = np.random.default_rng(0)
     pool = [(i, s) for i, s in sorted(lips_structures.items()) if len(s) <= 40]
-    refs = [ReferenceEntry(entry_id=i, structure=s, energy_per_atom=_energy(s, rng), model="stand-in",
+    refs = [ReferenceEntry(entry_id=i, structure=s, energy_per_atom=_energy(s, rng), model=MODEL,
                            source="materials_project") for i, s in pool]
     cands = []
     for k in range(N):
@@ -48,7 +53,7 @@ def test_paper_size_iteration_documents_fit(tmp_path, lips_structures):
         e = _energy(t, rng)
         cands.append(Candidate(
             provenance=Provenance(candidate_id=f"it1-{k:05d}", iteration=1, generator="stand-in", parent=mp_id),
-            structure=t, status="relaxed", energy_per_atom=e, energy=e * len(t), model="stand-in"))
+            structure=t, status="relaxed", energy_per_atom=e, energy=e * len(t), model=MODEL))
     frames = [Frame(frame_id=f"f{i}", structure=s, energy=-4.0 * len(s), forces=[[0.0] * 3] * len(s), kind="static",
                     labeller="stand-in", provenance=Provenance(candidate_id=i, iteration=0, generator="seed"))
               for i, s in pool]

@@ -76,6 +76,15 @@ def test_spec_round_trips_through_yaml(tmp_path):
     assert ExplorationSpec.model_validate(spec.model_dump(mode="json")) == spec
 
 
+def test_n_train_grows_per_iteration_up_to_the_cap():
+    from cscflow.config import TrainingSettings
+
+    fixed = TrainingSettings(n_train=120)
+    assert [fixed.n_train_at(k) for k in (1, 2, 5)] == [120, 120, 120]
+    grows = TrainingSettings(n_train=200, n_train_per_iteration=80)
+    assert [grows.n_train_at(k) for k in (1, 2, 3, 4)] == [80, 160, 200, 200]
+
+
 def test_protocol_relax_limits_have_neutral_names_old_ones_still_load(caplog):
     from cscflow.config import CP2KSettings, LabelSettings
 

@@ -462,6 +462,11 @@ class TrainingSettings(_Settings):
     pretrained: Path | None = None
     model_branch: str | None = None
     n_train: int = Field(4050, ge=1, description="top-N frames of the greedy δH ranking (datasets.split_frames)")
+    # Fig. 3a's axis: N_train grows as labelled frames accumulate. Iteration k trains on the
+    # top min(n_train, k * n_train_per_iteration) frames; None: n_train in every iteration.
+    n_train_per_iteration: int | None = Field(
+        None, ge=1, description="frames added to N_train per iteration, up to n_train"
+    )
     test_fraction: float = Field(
         0.1, ge=0, lt=1, description="seeded per-frame holdout, only when the paper rule leaves no test frame"
     )
@@ -502,6 +507,12 @@ class TrainingSettings(_Settings):
     @classmethod
     def _pretrained_exists(cls, value):
         return _existing_file(value, "training.pretrained")
+
+    def n_train_at(self, iteration: int) -> int:
+        """N_train of the Train stage of `iteration` (>= 1)."""
+        if self.n_train_per_iteration is None:
+            return self.n_train
+        return min(self.n_train, max(1, iteration) * self.n_train_per_iteration)
 
 
 DH_DN_THRESHOLDS = {"pre-screening": 1e-3, "accurate": 1e-4}

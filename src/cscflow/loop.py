@@ -100,6 +100,7 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
             ("references", [state.reference_uuid]),
             ("candidates", state.scored_uuids),
             ("frames", state.labelled_uuids),
+            ("train_frame_ids", [state.train_uuid] if state.train_uuid else []),
         )
         if uuids
     }
@@ -125,7 +126,8 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
     )
     all_frames = [*old_frames, jobs["label"].output.frames]
     jobs["train"] = TrainMaker(settings=spec.training, type_map=spec.chemical_system.elements).make(
-        all_frames, iteration=k, previous_model=state.model_checkpoint
+        all_frames, iteration=k, previous_model=state.model_checkpoint,
+        previous_train_ids=links["train_frame_ids"][1][0] if "train_frame_ids" in links else [],
     )
     if spec.generator.backend == "mattergen" and spec.generator.finetune:
         from cscflow.generators.mattergen import FinetuneGeneratorMaker
@@ -142,7 +144,7 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int) -> dict[str,
             seed=spec.seed,
             references=links["references"][1][0],
         )
-    jobs["evaluate"] = EvaluateMaker(selection=spec.selection, convergence=spec.convergence).make(
+    jobs["evaluate"] = EvaluateMaker(selection=spec.selection, convergence=spec.convergence, training=spec.training).make(
         k,
         scored=jobs["score"].output.candidates,
         selected=jobs["select"].output.selected,
@@ -184,6 +186,7 @@ def exploration_step(
             "iteration": k,
             "scored_uuids": [*state.scored_uuids, jobs["score"].uuid],
             "labelled_uuids": [*state.labelled_uuids, jobs["label"].uuid],
+            "train_uuid": jobs["train"].uuid,
         }
     )
     finetuned = jobs["finetune_generator"].output if "finetune_generator" in jobs else None

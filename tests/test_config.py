@@ -23,6 +23,8 @@ def test_demo_spec_loads():
     # Paper defaults survive where the demo does not override them.
     assert spec.training.start_lr == 1e-3 and spec.training.stop_lr == 3e-5
     assert [b.quota for b in spec.selection.bins] == [100, 200, 300]
+    # the last iteration trains on more frames than the first (the demo's RMSEs must fall)
+    assert spec.training.n_train_at(spec.max_iterations) > spec.training.n_train_at(1)
 
 
 def test_minimal_spec_gets_defaults(tmp_path):

@@ -23,6 +23,8 @@ def test_demo_spec_loads():
     # Paper defaults survive where the demo does not override them.
     assert spec.training.start_lr == 1e-3 and spec.training.stop_lr == 3e-5
     assert [b.quota for b in spec.selection.bins] == [100, 200, 300]
+    # the last iteration trains on more frames than the first (the demo's RMSEs must fall)
+    assert spec.training.n_train_at(spec.max_iterations) > spec.training.n_train_at(1)
 
 
 def test_minimal_spec_gets_defaults(tmp_path):
@@ -74,3 +76,32 @@ def test_spec_round_trips_through_yaml(tmp_path):
     again = load_spec(write(tmp_path, spec.to_yaml()))
     assert again == spec
     assert ExplorationSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_n_train_grows_per_iteration_up_to_the_cap():
+    from cscflow.config import TrainingSettings
+
+    fixed = TrainingSettings(n_train=120)
+    assert [fixed.n_train_at(k) for k in (1, 2, 5)] == [120, 120, 120]
+    grows = TrainingSettings(n_train=200, n_train_per_iteration=80)
+    assert [grows.n_train_at(k) for k in (1, 2, 3, 4)] == [80, 160, 200, 200]
+
+
+def test_protocol_relax_limits_have_neutral_names_old_ones_still_load(caplog):
+    from cscflow.config import CP2KSettings, LabelSettings
+
+    new = LabelSettings(relax_steps=3, relax_fmax=0.2)
+    assert (new.relax_steps, new.relax_fmax, new.cp2k.relax_steps) == (3, 0.2, None)
+    with caplog.at_level("WARNING"):
+        old = LabelSettings.model_validate({"cp2k": {"relax_steps": 4, "kspacing": 0.6}})
+        from_model = LabelSettings(cp2k=CP2KSettings(relax_fmax=0.1))
+    assert (old.relax_steps, old.cp2k.relax_steps, old.cp2k.kspacing) == (4, None, 0.6)
+    assert (from_model.relax_fmax, from_model.cp2k.relax_fmax) == (0.1, None)
+    assert "labeller.cp2k.relax_steps is deprecated: set labeller.relax_steps" in caplog.text
+    # an explicit labeller.relax_* wins over the old name
+    assert LabelSettings.model_validate({"relax_steps": 9, "cp2k": {"relax_steps": 4}}).relax_steps == 9
+    # the stored form round-trips without the old names (no repeated warning)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        LabelSettings.model_validate(old.model_dump(mode="json"))
+    assert "deprecated" not in caplog.text

@@ -29,7 +29,7 @@ generator: {backend: pyxtal, num_per_condition: 2, conditions: [0.06]}
 relax: {fmax: 0.3, steps: 20}
 selection: {only_sun: false, bins: [{high: 0.0, quota: 1}, {low: 0.0, high: 10.0, quota: 1}]}
 labeller: {backend: teacher, copies_per_structure: 1}
-training: {backend: deepmd, numb_steps: 4, decay_steps: 2, n_train: 50, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}
+training: {backend: deepmd, numb_steps: 4, decay_steps: 2, n_train: 50, n_train_per_iteration: 20, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}
 convergence: {max_iterations: 2, dh_dn_threshold: 0.0, min_iterations: 1}
 """
 

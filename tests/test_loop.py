@@ -25,8 +25,9 @@ generator: {{backend: pyxtal, num_per_condition: 2, conditions: [0.0, 0.06]}}
 relax: {{fmax: 0.2, steps: 40}}
 # One wide bin so that tiny random runs always select something to label.
 selection: {{only_sun: false, bins: [{{high: 0.0, quota: 1}}, {{low: 0.0, high: 10.0, quota: 2}}]}}
-labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1, cp2k: {{relax_steps: 5}}}}
-training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_train: 200, n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
+labeller: {{backend: teacher, copies_per_structure: 1, statics_per_structure: 1, relax_steps: 5}}
+training: {{backend: deepmd, numb_steps: 10, decay_steps: 5, n_train: 200, n_train_per_iteration: 10,
+            n_dim: 8, e_dim: 8, a_dim: 4, nlayers: 1}}
 convergence: {{max_iterations: {max_iterations}, dh_dn_threshold: {threshold}, min_iterations: {min_iterations}}}
 """
 
@@ -97,6 +98,12 @@ def test_loop_stops_at_max_iterations_and_keeps_provenance(finished_run):
     assert all(Path(d["output"]["model_path"]).is_file() for d in train)
     frame_ids = {f.frame_id for f in frames}
     assert set(train[-1]["output"]["train_frame_ids"]) - frame_ids, "iteration-0 frames are trained on too"
+    # N_train grows by training.n_train_per_iteration, and the training sets are nested:
+    # iteration 2 ranks iteration 1's training frames first (TrainMaker previous_train_ids).
+    by_it = {d["metadata"]["iteration"]: d["output"] for d in train}
+    assert [by_it[1]["n_train"], by_it[2]["n_train"]] == [10, 20]
+    assert by_it[2]["train_frame_ids"][:10] == by_it[1]["train_frame_ids"]
+    assert state.train_uuid == next(d["uuid"] for d in train if d["metadata"]["iteration"] == 2)  # resume keeps it
 
     # Closed loop (paper 4.1): iteration 2 relaxes and scores with the model trained in
     # iteration 1, and the reference hull is recomputed with that same model.
@@ -170,8 +177,16 @@ def test_model_errors_on_one_fixed_test_set(finished_run):
     assert [r.iteration for r in rows] == [None, 1, 2] and rows[0].model == "untuned chgnet-0.3.0"
     assert len({r.n_test for r in rows}) == 1 and rows[0].n_test > 0
     assert all(r.energy_rmse is not None and r.energy_rmse >= 0 and r.force_rmse >= 0 for r in rows)
-    assert rows[2].n_trained_on_test == 0  # the last model never saw its test frames
+    # nested training sets: no model ever saw the last split's test frames
+    assert rows[1].n_trained_on_test == 0 and rows[2].n_trained_on_test == 0
     assert "untuned chgnet-0.3.0" in format_errors(rows)
+    from click.testing import CliRunner
+
+    from cscflow.cli import main
+
+    result = CliRunner().invoke(main, ["model-errors", str(run_dir)])
+    assert result.exit_code == 0 and "untuned chgnet-0.3.0" in result.output and "chgnet it2" not in result.output
+    assert result.output.count("deepmd it") == 2
 
 
 def test_loop_stops_when_entropy_saturates(tmp_path):

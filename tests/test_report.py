@@ -91,6 +91,8 @@ def test_report_of_a_finished_run_has_every_figure(finished_run, full_report):
     # Only the downstream section (no QHA/conductivity in this run) may be missing.
     assert set(full_report.missing) == {"downstream"}, full_report.missing
     page = (out / "index.html").read_text(encoding="utf-8")
+    # every model on the last split's test frames, the untuned force field first (cscflow model-errors)
+    assert "Every model on one fixed test set" in page and "untuned chgnet-0.3.0" in page
     for fig in full_report.figures:
         assert f'src="{fig}"' in page
         assert (out / fig).stat().st_size > 5000

@@ -92,6 +92,17 @@ def find(run_dir, files):
     click.echo(format_find(find_in_run(run_dir, list(files))))
 
 
+@main.command(name="model-errors")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@user_errors
+def model_errors(run_dir):
+    """Every model of a run on ONE fixed test set (the last Train's test frames): the untuned
+    force field, then each iteration's trained model; energy and force RMSE."""
+    from cscflow.model_errors import fixed_test_errors, format_errors
+
+    click.echo(format_errors(fixed_test_errors(run_dir)))
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--only", type=click.Choice(["qha", "conductivity"]), default=None, help="Run one screen only.")

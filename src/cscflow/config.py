@@ -271,8 +271,10 @@ class CP2KSettings(_Settings):
     smearing_temperature: float = Field(300.0, ge=0, description="Fermi-Dirac, K; 0 = off")
     added_mos: int = Field(10, ge=0)
     threads: int = Field(1, ge=1, description="OMP_NUM_THREADS of the CP2K process")
-    relax_fmax: float = Field(0.05, gt=0, description="eV/Å, positions + cell (FrechetCellFilter)")
-    relax_steps: int = Field(60, ge=1, description="most ionic steps per DFT relaxation")
+    # Deprecated: the protocol's relaxation limits hold for every engine (labeller.relax_fmax,
+    # labeller.relax_steps); values set here are moved there by LabelSettings.
+    relax_fmax: float | None = Field(None, gt=0, description="deprecated: use labeller.relax_fmax")
+    relax_steps: int | None = Field(None, ge=1, description="deprecated: use labeller.relax_steps")
 
 
 class LabelSettings(_Settings):
@@ -295,6 +297,9 @@ class LabelSettings(_Settings):
     # kept from each (first and last always), statics_per_structure perturbed statics.
     relax_frames_kept: tuple[int, int] = (1, 5)
     statics_per_structure: int = Field(5, ge=0)
+    # Protocol relaxations (every engine: teacher, cp2k; vasp uses its MPRelaxSet criteria).
+    relax_fmax: float = Field(0.05, gt=0, description="eV/Å, positions + cell (FrechetCellFilter)")
+    relax_steps: int = Field(60, ge=1, description="most ionic steps per protocol relaxation")
     cp2k: CP2KSettings = Field(default_factory=CP2KSettings)
 
     @model_validator(mode="before")
@@ -303,7 +308,26 @@ class LabelSettings(_Settings):
         if isinstance(data, dict) and data.get("teacher_chgnet_version") is not None:
             data = {**data, "teacher": {"backend": "chgnet", "chgnet_version": data["teacher_chgnet_version"]},
                     "teacher_chgnet_version": None}
+        return _lift_cp2k_relax_limits(data)
+
+
+def _lift_cp2k_relax_limits(data):
+    """Older specs set the protocol's relaxation limits as labeller.cp2k.relax_*: move them
+    to labeller.relax_* (an explicit labeller.relax_* wins), with one deprecation line."""
+    if not isinstance(data, dict) or data.get("cp2k") is None:
         return data
+    cp2k = data["cp2k"]
+    old = cp2k.model_dump(exclude_none=True) if isinstance(cp2k, CP2KSettings) else dict(cp2k)
+    moved = {key: old.pop(key) for key in ("relax_fmax", "relax_steps") if old.get(key) is not None}
+    if not moved:
+        return data
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "labeller.cp2k.%s is deprecated: set labeller.%s (the protocol's relaxation limits, any engine)",
+        "/".join(moved), "/".join(moved),
+    )
+    return {**moved, **data, "cp2k": old}
 
 
 class CHGNetTrainSettings(_Settings):
@@ -444,6 +468,11 @@ class TrainingSettings(_Settings):
     pretrained: Path | None = None
     model_branch: str | None = None
     n_train: int = Field(4050, ge=1, description="top-N frames of the greedy δH ranking (datasets.split_frames)")
+    # Fig. 3a's axis: N_train grows as labelled frames accumulate. Iteration k trains on the
+    # top min(n_train, k * n_train_per_iteration) frames; None: n_train in every iteration.
+    n_train_per_iteration: int | None = Field(
+        None, ge=1, description="frames added to N_train per iteration, up to n_train"
+    )
     test_fraction: float = Field(
         0.1, ge=0, lt=1, description="seeded per-frame holdout, only when the paper rule leaves no test frame"
     )
@@ -484,6 +513,12 @@ class TrainingSettings(_Settings):
     @classmethod
     def _pretrained_exists(cls, value):
         return _existing_file(value, "training.pretrained")
+
+    def n_train_at(self, iteration: int) -> int:
+        """N_train of the Train stage of `iteration` (>= 1)."""
+        if self.n_train_per_iteration is None:
+            return self.n_train
+        return min(self.n_train, max(1, iteration) * self.n_train_per_iteration)
 
 
 DH_DN_THRESHOLDS = {"pre-screening": 1e-3, "accurate": 1e-4}

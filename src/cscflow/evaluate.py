@@ -68,6 +68,7 @@ def training_entropy_curve(
     selection: SelectionSettings,
     training: TrainingSettings,
     cache: DescriptorCache,
+    iteration: int = 1,
 ) -> list[float]:
     """H of the first N training frames in ranking order (see module docstring)."""
     k, cutoff = selection.entropy_k, selection.entropy_cutoff
@@ -84,7 +85,7 @@ def training_entropy_curve(
     if not frames or not any(f.provenance.iteration <= training.train_iterations_max for f in frames):
         return []
     split = split_frames(
-        frames, n_train=training.n_train, train_iterations_max=training.train_iterations_max,
+        frames, n_train=training.n_train_at(iteration), train_iterations_max=training.train_iterations_max,
         test_fraction=training.test_fraction, seed=training.seed, k=k, cutoff=cutoff,
         bandwidth=selection.bandwidth, cache=cache, device=selection.entropy_device,
     )
@@ -129,7 +130,7 @@ def evaluate_iteration(
             stack_descriptors(desc, selection.entropy_k), selection.bandwidth,
             batch_size=selection.entropy_batch_size, device=selection.entropy_device,
         )
-    curve = training_entropy_curve(all_frames, train, selection, training, cache)
+    curve = training_entropy_curve(all_frames, train, selection, training, cache, iteration)
     rates = dh_dn(curve, convergence.dh_dn_window)
     h_train = curve[-1] if curve else None
     gain = None

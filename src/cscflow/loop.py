@@ -109,6 +109,7 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int, maker: Explo
             ("references", [state.reference_uuid]),
             ("candidates", state.scored_uuids),
             ("frames", state.labelled_uuids),
+            ("train_frame_ids", [state.train_uuid] if state.train_uuid else []),
         )
         if uuids
     }
@@ -143,7 +144,10 @@ def iteration_jobs(spec: ExplorationSpec, state: LoopState, k: int, maker: Explo
     )
     jobs["label"] = maker.label_maker.make(jobs["select"].output.selected, iteration=k, seed=spec.seed)
     all_frames = [*old_frames, jobs["label"].output.frames]
-    jobs["train"] = maker.train_maker.make(all_frames, iteration=k, previous_model=state.model_checkpoint)
+    jobs["train"] = maker.train_maker.make(
+        all_frames, iteration=k, previous_model=state.model_checkpoint,
+        previous_train_ids=links["train_frame_ids"][1][0] if "train_frame_ids" in links else [],
+    )
     if maker.finetune_generator_maker is not None:
         jobs["finetune_generator"] = maker.finetune_generator_maker.make(
             all_frames,
@@ -200,6 +204,7 @@ def exploration_step(
             "iteration": k,
             "scored_uuids": [*state.scored_uuids, jobs["score"].uuid],
             "labelled_uuids": [*state.labelled_uuids, jobs["label"].uuid],
+            "train_uuid": jobs["train"].uuid,
         }
     )
     finetuned = jobs["finetune_generator"].output if "finetune_generator" in jobs else None

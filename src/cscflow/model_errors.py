@@ -7,13 +7,12 @@ a few of them only if they were in an earlier training set, which the rows say).
 untuned starting force field (``forcefield``, e.g. CHGNet from its wheel), then the model
 trained in each iteration. One evaluation code for all (``trainers.base.evaluate_model``).
 
-    python -m cscflow.model_errors RUN_DIR
+    cscflow model-errors RUN_DIR      (or: python -m cscflow.model_errors RUN_DIR)
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -33,17 +32,21 @@ class ModelErrors(BaseModel):
 
 
 
-def fixed_test_errors(run_dir: str | Path) -> list[ModelErrors]:
-    """Untuned force field + every iteration's trained model on the last split's test frames."""
-    from cscflow.analysis.report import load_run_data
+def fixed_test_errors(run_dir) -> list[ModelErrors]:
+    """Untuned force field + every iteration's trained model on the last split's test frames;
+    `run_dir` is a run directory or its already loaded ``RunData``."""
+    from cscflow.analysis.run_data import RunData, load_run_data
     from cscflow.forcefields import model_tag
     from cscflow.trainers.base import evaluate_model
 
-    data = load_run_data(run_dir)
+    data = run_dir if isinstance(run_dir, RunData) else load_run_data(run_dir)
+    run_dir = data.run_dir
     trains = {k: data.output(k, "train") for k in data.iterations if data.output(k, "train") is not None}
     trains = {k: t for k, t in trains.items() if field_of(t, "model_path")}
     if not trains:
-        raise ValueError(f"{run_dir}: no trained model yet")
+        from cscflow.runner import RunError
+
+        raise RunError(f"{run_dir}: no trained model yet")
     last = trains[max(trains)]
     test_ids = set(field_of(last, "test_frame_ids", []))
     test = [f for f in data.all_frames() if f.frame_id in test_ids]

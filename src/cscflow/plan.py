@@ -312,6 +312,7 @@ def plan_iteration(
         run_id=run_id, spec=spec.model_dump(mode="json"), iteration=iteration - 1, reference_uuid=ref_uuid,
         scored_uuids=[uuidlib.uuid4().hex for _ in range(iteration - 1)],
         labelled_uuids=[label0, *(uuidlib.uuid4().hex for _ in range(iteration - 1))],
+        train_uuid=uuidlib.uuid4().hex if iteration > 1 else None,
     )
     jobs = iteration_jobs(spec, state, iteration)
     wf = flow_to_workflow(Flow(list(jobs.values()), name=f"iteration {iteration}"), store=None)

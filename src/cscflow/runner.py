@@ -181,6 +181,7 @@ def rebuild_state(store, run_id: str, spec: ExplorationSpec) -> LoopState | None
                 "iteration": k,
                 "scored_uuids": [*state.scored_uuids, latest[(k, "score")]["uuid"]],
                 "labelled_uuids": [*state.labelled_uuids, latest[(k, "label")]["uuid"]],
+                "train_uuid": latest[(k, "train")]["uuid"] if (k, "train") in latest else state.train_uuid,
             }
         )
         state = advance_state(state, evaluation, output(k, "train"), output(k, "finetune_generator"))
@@ -238,6 +239,7 @@ STATUS_COLUMNS = [
     ("S.U.N.", "n_sun"),
     ("selected", "n_selected"),
     ("labelled", "n_labelled"),
+    ("N_train", "n_train"),
     ("H", "entropy_candidates"),
     ("H_train", "entropy_training"),
     ("dH/dN", "dh_dn"),

@@ -174,6 +174,7 @@ class LoopState(_Doc):
     reference_uuid: str | None = Field(None, description="job holding the iteration-0 references")
     scored_uuids: list[str] = Field(default_factory=list, description="Score jobs of past iterations")
     labelled_uuids: list[str] = Field(default_factory=list, description="Label jobs of past iterations")
+    train_uuid: str | None = Field(None, description="Train job of the last iteration (its train_frame_ids)")
     model_path: str | None = Field(None, description="frozen force field of the last Train")
     model_checkpoint: str | None = Field(None, description="training checkpoint to continue from")
     generator_checkpoint: str | None = Field(None, description="generator model for the next Generate")

@@ -102,7 +102,11 @@ class TrainMaker(Maker):
         frames: list[Frame] | list[list[Frame]],
         iteration: int,
         previous_model: str | None = None,
+        previous_train_ids: list[str] = (),
     ) -> TrainOutput:
+        """`previous_train_ids`: the last Train's ``train_frame_ids``; they are ranked first,
+        so training sets are nested (one ranking, as along Fig. 3a's N_train axis) and no
+        frame an earlier model trained on enters a later test set."""
         start = time.perf_counter()
         if self.settings.backend == "none":
             return TrainOutput(start_from="none", seconds=time.perf_counter() - start)
@@ -110,13 +114,14 @@ class TrainMaker(Maker):
             raise ValueError("TrainMaker.type_map is empty: pass the chemical system's elements")
         split = split_frames(
             frames,
-            n_train=self.settings.n_train,
+            n_train=self.settings.n_train_at(iteration),
             train_iterations_max=self.settings.train_iterations_max,
             test_fraction=self.settings.test_fraction,
             seed=self.settings.seed,  # one seed for every iteration: the holdout stays put
             k=self.entropy_k,
             cutoff=self.entropy_cutoff,
             bandwidth=self.bandwidth,
+            previous_train_ids=list(previous_train_ids or ()),
         )
         work_dir = Path.cwd() / f"train_iter{iteration}"
         result = train_model(

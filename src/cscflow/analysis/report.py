@@ -146,7 +146,7 @@ def _train_rows(data: RunData) -> list[dict]:
     return rows
 
 
-def _rmse_section(data: RunData, out: Path, train_rows: list[dict]) -> Section:
+def _rmse_section(data: RunData, out: Path, train_rows: list[dict], fixed_test: bool = True) -> Section:
     from cscflow.analysis.figures import plot_rmse_vs_ntrain
 
     sec = Section("rmse", "Energy and force RMSE vs N_train (Fig. 3a)")
@@ -158,7 +158,27 @@ def _rmse_section(data: RunData, out: Path, train_rows: list[dict]) -> Section:
     sec.body = table(["iteration", "N_train", "N_test", "E RMSE (eV/atom)", "F RMSE (eV/Å)", "start from"],
                       [[r["iteration"], r["n_train"], r["n_test"], r["energy_rmse"], r["force_rmse"], r["start_from"]]
                        for r in train_rows])
+    if fixed_test:
+        sec.body += _fixed_test_table(data, sec)
     return sec
+
+
+def _fixed_test_table(data: RunData, sec: Section) -> str:
+    """Every model of the run on ONE test set (``cscflow model-errors``): the rows above are
+    each iteration's own, growing test split, so only these numbers compare across iterations."""
+    from cscflow.model_errors import fixed_test_errors
+
+    try:
+        rows = fixed_test_errors(data)
+    except Exception as exc:
+        sec.missing.append(f"fixed-test-set errors not computed: {type(exc).__name__}: {exc}")
+        return ""
+    return (f"<p>Every model on one fixed test set: the {rows[0].n_test} test frames of the last Train "
+            "(the untuned starting force field first; <code>cscflow model-errors RUN</code>).</p>"
+            + table(["model", "E RMSE (meV/atom)", "F RMSE (eV/Å)", "test frames", "trained on"],
+                    [[r.model, None if r.energy_rmse is None else round(1000 * r.energy_rmse, 1),
+                      None if r.force_rmse is None else round(r.force_rmse, 3), r.n_test, r.n_trained_on_test]
+                     for r in rows]))
 
 
 def _parity_section(data: RunData, out: Path, train_rows: list[dict], enabled: bool) -> Section:
@@ -418,7 +438,7 @@ def write_report(
         _ehull_section(data, out),
         _phase_section(data, out),
         *_ratio_sections(rows, out),
-        _rmse_section(data, out, train_rows),
+        _rmse_section(data, out, train_rows, fixed_test=parity),
         _parity_section(data, out, train_rows, parity),
         _tsne_section(data, out, tsne, anion_map, seed),
         _motif_section(data, out),

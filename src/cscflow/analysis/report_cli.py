@@ -17,7 +17,7 @@ __all__ = ["report_command"]
               help="Output folder (default: RUN_DIR/report).")
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=1),
               help="Rows in the top-candidates table.")
-@click.option("--no-parity", is_flag=True, help="Skip evaluating the last model on its test frames.")
+@click.option("--no-parity", is_flag=True, help="Skip evaluating models on test frames (parity plots, the fixed-test-set table).")
 @click.option("--no-tsne", is_flag=True, help="Skip fingerprints and t-SNE maps (the slowest part).")
 @click.option("--anion-map", is_flag=True, help="Also map the Li-removed anion frameworks.")
 @click.option("--seed", default=0, show_default=True, help="t-SNE seed.")

@@ -23,7 +23,7 @@ Engines (:mod:`cscflow.label.engines`): ``cp2k`` and ``teacher`` (a pretrained f
 standing in for DFT; the same protocol in seconds). The teacher runs it in one job
 (:func:`run_protocol`), CP2K as one job per calculation (:func:`protocol_flow`); VASP
 (:mod:`cscflow.label.vasp`) builds the same steps from atomate2 jobs. Relaxations stop at
-``labeller.cp2k.relax_fmax`` / ``relax_steps`` whatever the engine.
+``labeller.relax_fmax`` / ``relax_steps`` whatever the engine.
 """
 
 from __future__ import annotations
@@ -181,8 +181,8 @@ def run_relax_copy(cand: Candidate, copy_index: int, label_seed: int, settings: 
             atoms.calc = calc
             opt = BFGS(FrechetCellFilter(atoms), logfile=None)
             opt.attach(lambda: trajectory.append(_record(atoms)), interval=1)
-            fmax = settings.cp2k.relax_fmax
-            steps = settings.cp2k.relax_steps
+            fmax = settings.relax_fmax
+            steps = settings.relax_steps
             converged = bool(opt.run(fmax=fmax, steps=steps))
         for rec in trajectory:
             _check_finite(rec)

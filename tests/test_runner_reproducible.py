@@ -111,9 +111,11 @@ def test_straight_resumed_and_fireworks_runs_store_the_same_numbers(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     worker_env = dict(line.removeprefix("export ").split("=", 1)
                       for line in (fw_dir / "worker_env.sh").read_text().splitlines() if line.startswith("export "))
+    # one worker for every category (an FWorker without a category takes any Firework)
+    (fw_dir / "fireworks" / "fworker_all.yaml").write_text("name: laptop_all\nquery: '{}'\n")
     rlaunch = subprocess.run(
         [str(BIN / "rlaunch"), "-l", str(fw_dir / "fireworks" / "my_launchpad.yaml"), "-w",
-         str(fw_dir / "fireworks" / "my_fworker.yaml"), "rapidfire", "--sleep", "1"],
+         str(fw_dir / "fireworks" / "fworker_all.yaml"), "rapidfire", "--sleep", "1"],
         capture_output=True, text=True, env=_env(**worker_env), cwd=fw_dir / "jobs", timeout=900)
     assert rlaunch.returncode == 0, rlaunch.stdout[-3000:] + rlaunch.stderr[-3000:]
     print(f"FireWorks (submit --local, rlaunch rapidfire):\n{format_status(fw_dir)}")

@@ -264,6 +264,28 @@ def _start_local_server(run_dir: Path):
         raise DispatchError(f"--local: {exc}") from None
 
 
+def _open_launchpad(spec: ExplorationSpec, run_dir: Path, launchpad, local: bool, server=None):
+    """The connected LaunchPad of a run, where it is, and the workers' environment: laptop mode's
+    files on the run's server (started unless given), the workers' jobflow config, id counters
+    on a fresh server."""
+    env: dict[str, str] = {}
+    if local:
+        server = server or _start_local_server(run_dir)
+        files = write_local_configs(spec, run_dir, server.host, server.port)
+        launchpad = files["launchpad"]
+        env["FW_CONFIG_FILE"] = str(files["fw_config"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "jobs").mkdir(exist_ok=True)
+    jobflow_config = write_worker_jobflow_config(spec, run_dir, force=local)
+    if jobflow_config is not None:
+        env["JOBFLOW_CONFIG_FILE"] = str(jobflow_config)
+    lp = connect_launchpad(launchpad, timeout_ms=spec.store.timeout_ms)
+    where = describe_launchpad(read_launchpad_file(launchpad or _default_launchpad_file()))
+    if local and lp.fw_id_assigner.count_documents({}) == 0:
+        lp.reset("", require_password=False)  # a fresh server: create FireWorks' id counters
+    return lp, where, env
+
+
 def submit(
     spec_path: str | Path,
     run_dir: str | Path | None = None,
@@ -284,25 +306,12 @@ def submit(
     if local and spec.store.uri:
         raise DispatchError("--local keeps the results on the run's own server; remove store.uri from the spec")
 
-    env: dict[str, str] = {}
     server = None
     if local:
         server = _start_local_server(run_dir)  # creates run_dir
         # The recorded spec points at the local server, so `cscflow status/report RUN` read it.
         spec = spec.model_copy(update={"store": spec.store.model_copy(update={"uri": server.uri})})
-        files = write_local_configs(spec, run_dir, server.host, server.port)
-        launchpad = files["launchpad"]
-        env["FW_CONFIG_FILE"] = str(files["fw_config"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "jobs").mkdir(exist_ok=True)
-    jobflow_config = write_worker_jobflow_config(spec, run_dir, force=local)
-    if jobflow_config is not None:
-        env["JOBFLOW_CONFIG_FILE"] = str(jobflow_config)
-
-    lp = connect_launchpad(launchpad, timeout_ms=spec.store.timeout_ms)
-    where = describe_launchpad(read_launchpad_file(launchpad or _default_launchpad_file()))
-    if local and lp.fw_id_assigner.count_documents({}) == 0:
-        lp.reset("", require_password=False)  # a fresh server: create FireWorks' id counters
+    lp, where, env = _open_launchpad(spec, run_dir, launchpad, local, server)
 
     run_id = uuidlib.uuid4().hex[:12]
     wf = workflow_for_run(spec, run_id, seeds=seeds)
@@ -343,20 +352,7 @@ def submit_flow(flow, spec: ExplorationSpec, run_id: str, run_dir: str | Path, l
     run_dir = Path(run_dir).resolve()
     if local and launchpad is not None:
         raise DispatchError("--local and --launchpad exclude each other")
-    env: dict[str, str] = {}
-    if local:
-        server = _start_local_server(run_dir)
-        files = write_local_configs(spec, run_dir, server.host, server.port)
-        launchpad = files["launchpad"]
-        env["FW_CONFIG_FILE"] = str(files["fw_config"])
-    (run_dir / "jobs").mkdir(exist_ok=True)
-    jobflow_config = write_worker_jobflow_config(spec, run_dir, force=local)
-    if jobflow_config is not None:
-        env["JOBFLOW_CONFIG_FILE"] = str(jobflow_config)
-    lp = connect_launchpad(launchpad, timeout_ms=spec.store.timeout_ms)
-    where = describe_launchpad(read_launchpad_file(launchpad or _default_launchpad_file()))
-    if local and lp.fw_id_assigner.count_documents({}) == 0:
-        lp.reset("", require_password=False)  # a fresh server: create FireWorks' id counters
+    lp, where, env = _open_launchpad(spec, run_dir, launchpad, local)
     wf = flow_to_workflow(flow, store=None, name=f"{flow.name} ({spec.name})", metadata={"cscflow_run_id": run_id})
     id_map = lp.add_wf(wf)
     lp.connection.close()

@@ -61,15 +61,22 @@ def stored_numbers(run_dir: Path) -> dict:
             where = (meta.get("iteration"), meta.get("stage"))
             if not isinstance(out, dict):
                 continue
-            for cand in out.get("candidates") or []:
-                numbers[(*where, cand["provenance"]["candidate_id"])] = (cand.get("energy_per_atom"), cand.get("e_hull"))
-            for frame in out.get("frames") or []:
-                numbers[(*where, frame["frame_id"])] = frame.get("energy")
             for key in ("energy_rmse", "force_rmse", "entropy_candidates", "entropy_training"):
                 if out.get(key) is not None:
                     numbers[(*where, key)] = out[key]
+        # candidates and frames: one document each in the run's collections
+        from cscflow.structure_store import CANDIDATES, FRAMES, collection_for
+
+        for name in (CANDIDATES, FRAMES):
+            collection = collection_for(store, name)
+            collection.connect()
+            for doc in collection.query({"run_id": run_id}):
+                where = (doc["iteration"], doc["stage"], doc["id"])
+                numbers[where] = (doc.get("energy_per_atom"), doc.get("e_hull")) if name == CANDIDATES else doc["energy"]
+            collection.close()
     finally:
         store.close()
+    assert any(k[1] == "label" for k in numbers) and any(k[1] == "score" for k in numbers)
     return numbers
 
 

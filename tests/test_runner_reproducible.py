@@ -119,7 +119,7 @@ def test_straight_resumed_and_fireworks_runs_store_the_same_numbers(tmp_path):
     worker_env = dict(line.removeprefix("export ").split("=", 1)
                       for line in (fw_dir / "worker_env.sh").read_text().splitlines() if line.startswith("export "))
     # one worker for every category (an FWorker without a category takes any Firework)
-    (fw_dir / "fireworks" / "fworker_all.yaml").write_text("name: laptop_all\nquery: '{}'\n")
+    (fw_dir / "fireworks" / "fworker_all.yaml").write_text("name: laptop_all\ncategory: ''\nquery: '{}'\n")
     rlaunch = subprocess.run(
         [str(BIN / "rlaunch"), "-l", str(fw_dir / "fireworks" / "my_launchpad.yaml"), "-w",
          str(fw_dir / "fireworks" / "fworker_all.yaml"), "rapidfire", "--sleep", "1"],

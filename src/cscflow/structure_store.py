@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 CANDIDATES, FRAMES = "candidates", "frames"
 KEY = "key"
-INDEXED = ("job_uuid", "run_id", "iteration", "stage", "formula", "status", "model")
+INDEXED = (KEY, "job_uuid", "run_id", "iteration", "stage", "formula", "status", "model")
 READ_CHUNK = 2000  # keys per $in query when a set spans many jobs
 
 

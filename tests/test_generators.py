@@ -124,7 +124,7 @@ def test_generation_fans_out_per_condition_and_batch():
     assert generation_batches(settings) == [(0, 0, 2), (0, 2, 1), (1, 0, 2), (1, 2, 1)]
     fan = GenerateFanOutMaker(generate_maker=GenerateMaker(chemical_system=LIPS, settings=settings))
     job = fan.make(iteration=1, seed=5)
-    store = JobStore(MemoryStore())
+    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
     responses = run_locally(job, store=store, ensure_success=True, log=False)
     batch_jobs = [r[1] for u, r in responses.items() if u != job.uuid and getattr(r[1].output, "n_requested", 0) < 6]
     assert len(batch_jobs) == 4

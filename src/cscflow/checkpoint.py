@@ -17,7 +17,7 @@ import logging
 
 from cscflow.threads import pinned
 
-__all__ = ["resumable", "stage_key", "stage_metadata", "find_checkpoint"]
+__all__ = ["fan_out", "resumable", "stage_key", "stage_metadata", "find_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,28 @@ def stage_metadata() -> dict:
     meta = dict((current.metadata or {}) if current is not None else {})
     meta.pop(KEY, None)
     return meta
+
+
+def fan_out(units: list, collect, stage: str, unit: str, name: str, unit_keys: list[str] | None = None):
+    """The Flow a stage job replaces itself with: `units` run concurrently, `collect` joins them.
+
+    Every unit gets the stage's run and iteration, stage ``<stage>_<unit>`` (its category is
+    the stage's, :meth:`cscflow.config.DispatchSettings.category`) and its own checkpoint key
+    ``<stage key>/<unit key>`` (default ``<unit><i>``), so a resumed fan-out recomputes only
+    the units that did not finish; units and collect see the run's store (documents by key).
+    """
+    from jobflow import CURRENT_JOB, Flow
+
+    current = CURRENT_JOB.job
+    key = (current.metadata or {}).get(KEY) if current is not None else None
+    meta = stage_metadata()
+    for i, job_ in enumerate(units):
+        own = unit_keys[i] if unit_keys else f"{unit}{i}"
+        job_.metadata.update({**meta, "stage": f"{stage}_{unit}", **({KEY: f"{key}/{own}"} if key else {})})
+        job_.config.expose_store = True
+    collect.metadata.update({**meta, "stage": f"{stage}_collect"})
+    collect.config.expose_store = True
+    return Flow([*units, collect], output=collect.output, name=name)
 
 
 def find_checkpoint(store, key: str):

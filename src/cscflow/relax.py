@@ -362,7 +362,7 @@ class RelaxMaker(Maker):
     settings: RelaxSettings = field(default_factory=RelaxSettings)
     progress: bool = True
 
-    @job
+    @job(data=["candidates"])
     @resumable
     def make(self, candidates: CandidateSet | list[Candidate], model_path: str | None = None) -> RelaxOutput:
         from cscflow.forcefields import get_calculator, model_tag
@@ -404,7 +404,7 @@ class RelaxCollectMaker(Maker):
 
     name: str = "relax collect"
 
-    @job
+    @job(data=["candidates"])
     def make(self, outputs: list[RelaxOutput]) -> RelaxOutput:
         docs = [o if isinstance(o, RelaxOutput) else RelaxOutput.model_validate(o) for o in outputs]
         models = {d.model for d in docs if d.model}
@@ -447,25 +447,16 @@ class RelaxShardMaker(Maker):
     @job
     @resumable  # on resume, a finished stage's collected output instead of a new fan-out
     def make(self, candidates: CandidateSet | list[Candidate], model_path: str | None = None):
-        from jobflow import Flow, Response
+        from jobflow import Response
 
-        from jobflow import CURRENT_JOB
+        from cscflow.checkpoint import fan_out
 
-        from cscflow.checkpoint import KEY, stage_metadata
-
-        stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
-        meta = stage_metadata()
         shards = shard_candidates(candidates, self.relax_maker.settings.shard_size)
         jobs = []
         for i, shard in enumerate(shards):
             shard_job = self.relax_maker.make(shard, model_path=model_path)
             shard_job.name = f"{self.relax_maker.name} {i + 1}/{len(shards)}"
-            # its own checkpoint: a resumed fan-out recomputes only the shards that did not finish
-            shard_job.metadata.update({**meta, "stage": "relax_shard", "shard": i, "n_shards": len(shards),
-                                       **({KEY: f"{stage_key}/shard{i}"} if stage_key else {})})
-            shard_job.config.expose_store = True  # reads its candidates, writes its documents
+            shard_job.metadata.update({"shard": i, "n_shards": len(shards)})
             jobs.append(shard_job)
         collect = self.collect_maker.make([j.output for j in jobs])
-        collect.metadata.update({**meta, "stage": "relax_collect"})
-        collect.config.expose_store = True
-        return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))
+        return Response(replace=fan_out(jobs, collect, "relax", "shard", self.name))

@@ -431,7 +431,7 @@ class ScoreMaker(Maker):
     settings: ScoreSettings = field(default_factory=ScoreSettings)
     forcefield: ForceFieldSettings = field(default_factory=ForceFieldSettings)
 
-    @job
+    @job(data=["candidates"])
     @resumable
     def make(
         self,
@@ -519,13 +519,11 @@ class ReevaluateMaker(Maker):
     @job
     @resumable
     def make(self, references: list[ReferenceEntry], previous=(), model_path: str | None = None):
-        from jobflow import CURRENT_JOB, Flow, Response
+        from jobflow import Response
 
-        from cscflow.checkpoint import KEY, stage_metadata
+        from cscflow.checkpoint import fan_out
         from cscflow.structure_store import merge_sets, shards
 
-        stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
-        meta = stage_metadata()
         units: list = [list(references)] if references else []
         if previous:
             units += shards(merge_sets(previous), self.shard_size)
@@ -533,10 +531,6 @@ class ReevaluateMaker(Maker):
         for i, unit in enumerate(units):
             j = reevaluate_shard(unit, self.forcefield, model_path)
             j.name = f"{self.name} {i + 1}/{len(units)}"
-            j.config.expose_store = True
-            j.metadata.update({**meta, "stage": "reevaluate_shard",
-                               **({KEY: f"{stage_key}/shard{i}"} if stage_key else {})})
             jobs.append(j)
         collect = collect_reevaluation([j.output for j in jobs])
-        collect.metadata.update({**meta, "stage": "reevaluate_collect"})
-        return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))
+        return Response(replace=fan_out(jobs, collect, "reevaluate", "shard", self.name))

@@ -144,7 +144,7 @@ class SelectMaker(Maker):
     name: str = "select"
     settings: SelectionSettings = field(default_factory=SelectionSettings)
 
-    @job
+    @job(data=["selected"])
     @resumable
     def make(
         self,

@@ -14,8 +14,10 @@ two runs sharing a database never collides. Every document also carries ``run_id
 queries select by field instead of loading a run.
 
 A job without such a store (a Maker run on its own with an in-memory JobStore, no
-``expose_store``) keeps the documents inline in the set (``items``), so every Maker also
-works outside a run.
+``expose_store``; a jobflow-remote worker, which runs each job on a private file store and
+has no database access) keeps the documents inline in the set (``items``). Stage jobs route
+their set to the JobStore's ``data`` store (``@job(data=[...])``), so an inline set of a
+paper-size iteration still stays out of the 16 MB job document, as before.
 """
 
 from __future__ import annotations
@@ -101,10 +103,14 @@ def collection_for(job_store, name: str):
     if store is not None:
         return store
     docs = job_store.docs_store
-    from maggma.stores import MemoryStore
+    from maggma.stores import JSONStore, MemoryStore
 
-    # MontyStore subclasses MemoryStore but is persistent; a plain MemoryStore is not shared
-    if type(docs) is MemoryStore or not hasattr(docs, "collection_name"):
+    # MontyStore subclasses MemoryStore but is persistent; a plain MemoryStore is not shared.
+    # File stores are a job's private copy: jobflow-remote runs every job on such a store and
+    # uploads only its outputs, so documents written beside it would never reach the next job.
+    if type(docs) is MemoryStore or isinstance(docs, JSONStore) or not hasattr(docs, "collection_name"):
+        return None
+    if type(docs).__module__.startswith("jobflow_remote."):
         return None
     spec = docs.as_dict()
     spec.update(collection_name=name, key=KEY)

@@ -192,7 +192,7 @@ class GenerateMaker(Maker):
     )
     settings: GeneratorSettings = field(default_factory=GeneratorSettings)
 
-    @job
+    @job(data=["candidates"])
     @resumable
     def make(
         self, iteration: int, seed: int, checkpoint: str | None = None, batches: list[list[int]] | None = None
@@ -235,7 +235,7 @@ class GenerateCollectMaker(Maker):
 
     name: str = "generate collect"
 
-    @job
+    @job(data=["candidates"])
     def make(self, outputs: list[GenerateOutput]) -> GenerateOutput:
         from collections import Counter as _Counter
 
@@ -272,22 +272,16 @@ class GenerateFanOutMaker(Maker):
     @job
     @resumable
     def make(self, iteration: int, seed: int, checkpoint: str | None = None):
-        from jobflow import CURRENT_JOB, Flow, Response
+        from jobflow import Response
 
-        from cscflow.checkpoint import KEY, stage_metadata
+        from cscflow.checkpoint import fan_out
 
-        stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
-        meta = stage_metadata()
         batches = generation_batches(self.generate_maker.settings)
         jobs = []
         for i, batch in enumerate(batches):
             j = self.generate_maker.make(iteration, seed, checkpoint=checkpoint, batches=[list(batch)])
             j.name = f"{self.generate_maker.name} it{iteration} {i + 1}/{len(batches)}"
-            j.metadata.update({**meta, "stage": "generate_batch", "batch": list(batch),
-                               **({KEY: f"{stage_key}/batch{i}"} if stage_key else {})})
-            j.config.expose_store = True
+            j.metadata["batch"] = list(batch)
             jobs.append(j)
         collect = self.collect_maker.make([j.output for j in jobs])
-        collect.metadata.update({**meta, "stage": "generate_collect"})
-        collect.config.expose_store = True
-        return Response(replace=Flow([*jobs, collect], output=collect.output, name=self.name))
+        return Response(replace=fan_out(jobs, collect, "generate", "batch", self.name))

@@ -97,7 +97,7 @@ class LabelMaker(Maker):
     name: str = "label"
     settings: LabelSettings = field(default_factory=LabelSettings)
 
-    @job
+    @job(data=["frames"])
     @resumable
     def make(self, selected, iteration: int, seed: int) -> LabelOutput:
         if self.settings.backend in FAN_OUT and len(selected):
@@ -110,7 +110,7 @@ class LabelMaker(Maker):
 FAN_OUT = ("cp2k", "vasp")
 
 
-@job
+@job(data=["frames"])
 @resumable
 def label_structure(candidate, iteration: int, seed: int, settings: LabelSettings):
     """One selected structure's protocol: CP2K runs it here; VASP replaces this job by the
@@ -118,7 +118,7 @@ def label_structure(candidate, iteration: int, seed: int, settings: LabelSetting
     return label_candidates(candidate, iteration, seed, settings)
 
 
-@job
+@job(data=["frames"])
 def collect_labels(outputs: list, candidate_ids: list[str]) -> LabelOutput:
     """The Label stage's output: every structure's frames (store keys) and failures; a
     structure whose job died is one failure, the others are kept."""
@@ -149,26 +149,18 @@ def label_fanout_flow(selected, iteration: int, seed: int, settings: LabelSettin
     calculation below that level (custodian restarts one calculation), in a replace of its
     own structure job, so no single action holds more than one structure's jobs.
     """
-    from cscflow.checkpoint import KEY, stage_metadata
+    from cscflow.checkpoint import fan_out
     from cscflow.structure_store import shards
 
-    meta = stage_metadata()
-    from jobflow import CURRENT_JOB
-
-    stage_key = (CURRENT_JOB.job.metadata or {}).get(KEY) if CURRENT_JOB.job is not None else None
-    tolerant = JobConfig(on_missing_references=OnMissing.NONE, expose_store=True)
     jobs, ids = [], []
     for one in shards(selected, 1):
         cid = one.ids[0] if hasattr(one, "ids") else one[0].id
         j = label_structure(one, iteration, seed, settings)
         j.name = f"label {cid}"
-        j.config = JobConfig(expose_store=True)
-        j.metadata = {**meta, "stage": "label_structure", "candidate_id": cid,
-                      **({KEY: f"{stage_key}/{cid}"} if stage_key else {})}
+        j.metadata["candidate_id"] = cid
         jobs.append(j)
         ids.append(cid)
     collector = collect_labels([j.output for j in jobs], ids)
     collector.name = "collect labels"
-    collector.config = tolerant
-    collector.metadata = {**meta, "stage": "label_collect"}
-    return Flow([*jobs, collector], output=collector.output, name="label structures")
+    collector.config = JobConfig(on_missing_references=OnMissing.NONE)  # a dead structure job is one failure
+    return fan_out(jobs, collector, "label", "structure", "label structures", unit_keys=ids)

@@ -317,7 +317,7 @@ def static_copy(cand: Candidate, static_index: int, label_seed: int, relaxations
     return run_static(cand, static_index, label_seed, relaxations, settings)
 
 
-@job
+@job(data=["frames"])
 def collect_frames(results: list, labeller: str, expected: list) -> Any:
     """Job: the LabelOutput of the whole protocol (tolerates dead parents)."""
     return collect(results, labeller, [tuple(e) for e in expected])

@@ -175,7 +175,7 @@ def vasp_statics(cand, relax_outputs: list, seeds: list[int], settings) -> Respo
     return Response(replace=Flow(jobs, output=[j.output for j in jobs]))
 
 
-@job
+@job(data=["frames"])
 def collect_vasp(cand_list: list, relax_tasks: list, static_tasks: list, plan: list):
     """LabelOutput from the TaskDocs; a missing TaskDoc (failed after custodian) is a failure."""
     from cscflow.label import LabelOutput

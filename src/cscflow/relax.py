@@ -429,7 +429,7 @@ class RelaxShardMaker(Maker):
     """Fan the relax stage out: one ``relax_maker`` job per shard of ``relax.shard_size``
     candidates, then one collect job; FireWorks / jobflow-remote run the shards concurrently.
 
-    The loop uses it where it uses ``RelaxMaker`` today, same inputs, same output::
+    The loop's relax stage; same inputs and output as ``RelaxMaker``::
 
         relax = RelaxShardMaker(relax_maker=RelaxMaker(forcefield=spec.forcefield, settings=spec.relax))
         jobs["relax"] = relax.make(jobs["generate"].output.candidates, model_path=relax_model)

@@ -2,8 +2,8 @@
 
 Units: energies eV, forces eV/Å, stress GPa with ASE's sign convention
 (``atoms.get_stress(voigt=False) / ase.units.GPa``: positive = tensile), E_hull eV/atom.
-Large lists (candidates, frames) are routed to the ``data`` additional store by the
-jobs that emit them.
+Candidates and frames are stored one document each (:mod:`cscflow.structure_store`);
+stage outputs carry the sets of their keys.
 """
 
 from __future__ import annotations

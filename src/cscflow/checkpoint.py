@@ -17,7 +17,7 @@ import logging
 
 from cscflow.threads import pinned
 
-__all__ = ["fan_out", "resumable", "stage_key", "stage_metadata", "find_checkpoint"]
+__all__ = ["current_key", "fan_out", "resumable", "stage_key", "stage_metadata", "find_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,14 @@ KEY = "cscflow_key"
 
 def stage_key(run_id: str, iteration: int, stage: str) -> str:
     return f"{run_id}/{iteration}/{stage}"
+
+
+def current_key() -> str | None:
+    """The checkpoint key of the running job (None outside a job or for an untagged one)."""
+    from jobflow import CURRENT_JOB
+
+    current = CURRENT_JOB.job
+    return (current.metadata or {}).get(KEY) if current is not None else None
 
 
 def stage_metadata() -> dict:
@@ -48,10 +56,9 @@ def fan_out(units: list, collect, stage: str, unit: str, name: str, unit_keys: l
     ``<stage key>/<unit key>`` (default ``<unit><i>``), so a resumed fan-out recomputes only
     the units that did not finish; units and collect see the run's store (documents by key).
     """
-    from jobflow import CURRENT_JOB, Flow
+    from jobflow import Flow
 
-    current = CURRENT_JOB.job
-    key = (current.metadata or {}).get(KEY) if current is not None else None
+    key = current_key()
     meta = stage_metadata()
     for i, job_ in enumerate(units):
         own = unit_keys[i] if unit_keys else f"{unit}{i}"
@@ -89,9 +96,8 @@ def resumable(function):
     def wrapper(*args, **kwargs):
         from jobflow import CURRENT_JOB
 
-        current = CURRENT_JOB.job
         store = CURRENT_JOB.store
-        key = (current.metadata or {}).get(KEY) if current is not None else None
+        key = current_key()
         if key and store is not None:
             cached = find_checkpoint(store, key)
             if cached is not None:

@@ -145,22 +145,12 @@ class EnergyCache:
 
 def energy_cache_for(job_store) -> EnergyCache | None:
     """The run's energy cache: the JobStore's ``energies`` additional store, else an
-    ``energies`` collection beside its docs store. None for in-memory stores (nothing to
-    share with later jobs) or when there is no store."""
-    if job_store is None:
-        return None
-    store = getattr(job_store, "additional_stores", {}).get(COLLECTION)
-    if store is None:
-        docs = job_store.docs_store
-        from maggma.stores import MemoryStore
+    ``energies`` collection beside its docs store (:func:`cscflow.structure_store.collection_for`).
+    None for in-memory or per-job file stores (nothing to share with later jobs) or no store."""
+    from cscflow.structure_store import collection_for
 
-        # MontyStore subclasses MemoryStore but is persistent; a plain MemoryStore is not shared
-        if type(docs) is MemoryStore or not hasattr(docs, "collection_name"):
-            return None
-        spec = docs.as_dict()
-        spec.update(collection_name=COLLECTION, key=KEY)
-        store = type(docs).from_dict(spec)
-    return EnergyCache(store)
+    store = collection_for(job_store, COLLECTION, key=KEY)
+    return EnergyCache(store) if store is not None else None
 
 
 def energies_with_model(

@@ -93,10 +93,10 @@ _MODELS = {CANDIDATES: Candidate, FRAMES: Frame}
 # --------------------------------------------------------------------------- the collections
 
 
-def collection_for(job_store, name: str):
-    """The maggma store of collection `name` for a JobStore: its additional store of that name,
-    else a collection beside its docs store (same database). None for a plain in-memory
-    store (nothing later jobs could read) or no store."""
+def collection_for(job_store, name: str, key: str = KEY):
+    """The maggma store of collection `name` (documents keyed by `key`) for a JobStore: its
+    additional store of that name, else a collection beside its docs store (same database).
+    None for a plain in-memory store (nothing later jobs could read) or no store."""
     if job_store is None:
         return None
     store = getattr(job_store, "additional_stores", {}).get(name)
@@ -113,7 +113,7 @@ def collection_for(job_store, name: str):
     if type(docs).__module__.startswith("jobflow_remote."):
         return None
     spec = docs.as_dict()
-    spec.update(collection_name=name, key=KEY)
+    spec.update(collection_name=name, key=key)
     spec.pop("run_lock", None)  # the docs store holds the run directory's lock, not this one
     return type(docs).from_dict(spec)
 

@@ -160,19 +160,13 @@ _FILE_KEYS = (("pretrained",), ("mace", "foundation_model"), ("mace", "replay_fi
 def load_training_overrides(path: str | Path) -> dict:
     """A YAML mapping of `training` settings (per-family blocks, e.g. tiny sizes) laid over the
     run's own; relative file paths are taken relative to the file. Bad input is a SpecError."""
-    import yaml
-
-    from cscflow.config import SpecError
+    from cscflow.config import SpecError, read_spec_mapping
 
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"--training: {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--training: {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"--training: {path} must be a YAML mapping of training settings")
+        raw = read_spec_mapping(path)
+    except SpecError as exc:
+        raise SpecError(f"--training: {exc}") from None
     if isinstance(raw.get("training"), dict):  # a spec-like file with a `training:` block works too
         raw = raw["training"]
     for keys in _FILE_KEYS:

@@ -38,7 +38,7 @@ from jobflow import Flow, JobConfig, OnMissing, job
 from pydantic import BaseModel, ConfigDict, Field
 from pymatgen.core import Structure
 
-from cscflow.checkpoint import KEY, resumable, stage_metadata
+from cscflow.checkpoint import KEY, current_key, resumable, stage_metadata
 from cscflow.config import LabelSettings
 from cscflow.label.engines import EngineCalculator, engine_labeller
 from cscflow.schemas import Candidate, Frame
@@ -323,16 +323,6 @@ def collect_frames(results: list, labeller: str, expected: list) -> Any:
     return collect(results, labeller, [tuple(e) for e in expected])
 
 
-def _key_prefix() -> str | None:
-    try:
-        from jobflow import CURRENT_JOB
-
-        current = CURRENT_JOB.job
-    except Exception:
-        return None
-    return (current.metadata or {}).get(KEY) if current is not None else None
-
-
 def protocol_flow(
     selected: list[Candidate],
     iteration: int,
@@ -348,7 +338,7 @@ def protocol_flow(
     """
     labeller = engine_labeller(settings)
     keep_steps(2, settings.relax_frames_kept, np.random.default_rng(0))  # validates the range
-    prefix = key_prefix if key_prefix is not None else _key_prefix()
+    prefix = key_prefix if key_prefix is not None else current_key()
     # expose_store: @resumable looks finished calculations up in the store the job runs on
     tolerant = JobConfig(on_missing_references=OnMissing.NONE, expose_store=True)
     jobs, outputs, expected = [], [], []
